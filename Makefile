@@ -1,0 +1,27 @@
+# simba-ttm: `make test` installs what is missing (uv, the locked environment) and runs the suite.
+SHELL := /bin/bash
+# uv from PATH, else the one pip installs into this Python (`python3 -m uv`).
+UV ?= $(shell command -v uv 2>/dev/null || echo python3 -m uv)
+PY := .venv/bin/python
+
+.PHONY: uv install test lint bench clean
+
+uv:
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+
+install: uv
+	$(UV) sync --locked --group dev
+
+# pytest exits 5 when it collects no test: that is a failure here, never a silent pass.
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+bench: install
+	$(PY) bench/generate.py
+
+clean:
+	rm -rf .venv .pytest_cache

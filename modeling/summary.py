@@ -1,0 +1,123 @@
+"""Size, compute and memory of a configured model, without allocating it (`simba-ttm info`).
+
+Parameters and cache sizes are counted from the real modules built on the `meta` device. FLOPs and the
+training-memory figure are analytic estimates (stated as such): matmul FLOPs are 2 x weights per token,
+plus the sequence-mixing terms of the SSD scan or attention; training is 3x forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from configs.schema import ExperimentConfig
+from modeling.builders import build_model
+from modeling.lm import TextToMusicLM
+from modeling.transformer import CrossTransformer
+
+# A typical Flan-T5 caption length in tokens (captions of the paper are one or two sentences).
+TYPICAL_TEXT_LEN = 64
+
+
+@dataclass
+class ModelSummary:
+    arch: str
+    params: int
+    params_trainable: int
+    seq_len: int  # tokens per training sample (BOS + frames; SiMBA adds the text prefix)
+    flops_per_token_forward: float
+    flops_per_token_train: float
+    train_memory_bytes_estimate: int  # at train.batch_size, one micro-batch, see estimate_train_memory
+    cache_bytes_per_sample: int  # decoding state for generation.seconds of audio, fp32
+    generation_frames: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def _matmul_weights(model: TextToMusicLM) -> int:
+    """Weights that take part in a matmul per token (the embedding lookup is free; the head is not)."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and not n.startswith("token_emb"))
+
+
+def forward_flops_per_token(cfg: ExperimentConfig, model: TextToMusicLM, seq_len: int, text_len: int) -> float:
+    m = cfg.model
+    flops = 2.0 * _matmul_weights(model)
+    n_attn = m.n_layers if m.arch == "transformer" else len(m.attn_layers)
+    n_ssm = m.n_layers - n_attn
+    # Causal attention: QK^T and AV over on average half the context, 2 FLOPs per multiply-add.
+    flops += n_attn * 2 * 2 * m.d_model * (seq_len / 2)
+    if m.arch == "transformer":
+        flops += m.n_layers * 2 * 2 * m.d_model * text_len  # cross-attention to the caption
+    if n_ssm:
+        d_inner = m.expand * m.d_model
+        nheads = d_inner // m.headdim
+        q, n, p = m.chunk_size, m.d_state, m.headdim
+        # SSD per token: intra-chunk C.B^T scores and their product with x, then state write and read.
+        ssd = 2 * q * n * m.ngroups + 2 * q * nheads * p + 2 * 2 * nheads * p * n
+        conv = 2 * (d_inner + 2 * m.ngroups * n) * m.d_conv
+        flops += n_ssm * (ssd + conv)
+    return flops
+
+
+def estimate_train_memory(cfg: ExperimentConfig, params: int, seq_len: int) -> int:
+    """Rough bytes for one micro-batch: fp32 weights + grads + AdamW moments (16 B/param), activations saved
+    for backward (bf16 on GPU, fp32 on CPU; a per-layer element count per token), and fp32 logits + grad."""
+    m, t = cfg.model, cfg.train
+    act_bytes = 4 if t.precision == "fp32" or (t.precision == "auto" and not t.use_gpu) else 2
+    tokens = t.batch_size * seq_len
+    d = m.d_model
+    if m.arch == "transformer":
+        per_layer = 14 * d + 2 * m.mlp_dim
+    else:
+        d_inner = m.expand * d
+        proj = 2 * d_inner + 2 * m.ngroups * m.d_state + d_inner // m.headdim
+        per_layer = 6 * d + 2 * proj + 4 * d_inner + 2 * m.mlp_dim
+    activations = tokens * m.n_layers * per_layer * act_bytes
+    logits = t.batch_size * (cfg.data.max_frames + 1) * m.vocab_size * 4 * 2
+    return 16 * params + activations + logits
+
+
+def cache_bytes(model: TextToMusicLM, n_tokens: int, text_len: int) -> int:
+    """Bytes of the decoding state for one sample, measured on meta-device buffers the model allocates."""
+    prefix = 0 if isinstance(model, CrossTransformer) else text_len  # a prefix model's attention caches the text
+    state = model.allocate_state(1, prefix + n_tokens, device="meta", dtype=torch.float32)
+    total = 0
+    for layer in state.layers:
+        for cache in (layer.mixer, layer.cross):
+            if cache is None:
+                continue
+            for value in vars(cache).values():
+                if isinstance(value, torch.Tensor) and value.dtype != torch.bool:
+                    total += value.numel() * value.element_size()
+    if any(layer.cross is not None for layer in state.layers):
+        d = model.d_model
+        total += len(state.layers) * 2 * text_len * d * 4  # cross-attention keys/values of the caption
+    return total
+
+
+def summarize(cfg: ExperimentConfig, text_len: int = TYPICAL_TEXT_LEN) -> ModelSummary:
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    params, trainable = count_params(model)
+    seq_len = cfg.data.max_frames + 1 + (text_len if cfg.model.arch == "simba" else 0)
+    fwd = forward_flops_per_token(cfg, model, seq_len, text_len)
+    n_frames = cfg.generation.n_frames(cfg.data.frame_rate)
+    return ModelSummary(
+        arch=cfg.model.arch,
+        params=params,
+        params_trainable=trainable,
+        seq_len=seq_len,
+        flops_per_token_forward=fwd,
+        flops_per_token_train=3 * fwd,
+        train_memory_bytes_estimate=estimate_train_memory(cfg, params, seq_len),
+        cache_bytes_per_sample=cache_bytes(model, n_frames + 1, text_len),
+        generation_frames=n_frames,
+    )

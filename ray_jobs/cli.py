@@ -1,0 +1,36 @@
+"""`simba-ttm <job> ...`: one console script over the thin job entrypoints (`python -m ray_jobs.<job>`)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# job name -> module with `main(argv: list[str] | None) -> int`
+JOBS = {
+    "info": ("ray_jobs.info", "size, FLOPs, memory and cache of a configured model"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: simba-ttm <job> [args...]", "", "jobs:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in JOBS.items()]
+    lines += ["", "Run `simba-ttm <job> --help` for a job's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    job, rest = argv[0], argv[1:]
+    if job not in JOBS:
+        print(f"simba-ttm: unknown job {job!r}; valid jobs: {', '.join(JOBS)}\n", file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
+    module = importlib.import_module(JOBS[job][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

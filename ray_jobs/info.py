@@ -1,0 +1,51 @@
+"""`simba-ttm info --config FILE [key=value ...] [--json]`: what a configured model costs, without building it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from configs import ConfigError, load_config
+from modeling.summary import TYPICAL_TEXT_LEN, summarize
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="simba-ttm info", description=__doc__)
+    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/paper.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.arch=transformer")
+    parser.add_argument("--text-len", type=int, default=TYPICAL_TEXT_LEN, help="caption length in T5 tokens")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the numbers")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"simba-ttm info: {err}", file=sys.stderr)
+        return 2
+    s = summarize(cfg, text_len=args.text_len)
+    t = cfg.train
+    hybrid = f" (attention layers {list(cfg.model.attn_layers)})" if cfg.model.attn_layers else ""
+    rows = [
+        ("experiment", cfg.name),
+        ("architecture", s.arch + hybrid),
+        ("parameters", f"{s.params:,} ({s.params / 1e6:.1f}M)"),
+        ("sequence length", f"{s.seq_len} tokens (text prefix {args.text_len} counted for SiMBA)"),
+        ("FLOPs/token forward", f"{s.flops_per_token_forward / 1e9:.3f} GFLOP"),
+        ("FLOPs/token train", f"{s.flops_per_token_train / 1e9:.3f} GFLOP (3x forward)"),
+        ("train memory (est.)", f"{_gib(s.train_memory_bytes_estimate)} at micro-batch {t.batch_size}"),
+        ("inference cache", f"{s.cache_bytes_per_sample / 2**20:.1f} MiB per sample for {s.generation_frames} frames"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if args.json:
+        print(json.dumps(s.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

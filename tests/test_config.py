@@ -1,0 +1,284 @@
+"""Configs: every shipped YAML loads, defaults are the paper's, overrides and errors behave."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import yaml
+
+from configs import (
+    CONFIG_DIR,
+    DEFAULT_TRACKING_URI,
+    ConfigError,
+    DataConfig,
+    ExperimentConfig,
+    GenerationConfig,
+    MLflowConfig,
+    ModelConfig,
+    TrainConfig,
+    load_config,
+)
+
+SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+SECTIONS = ("model", "data", "train", "generation", "mlflow")
+
+
+def _schema_keys() -> dict[str, set[str]]:
+    cfg = ExperimentConfig()
+    return {s: {f.name for f in dataclasses.fields(getattr(cfg, s))} for s in SECTIONS}
+
+
+def test_shipped_configs_exist():
+    assert {"paper", "debug"} <= {p.stem for p in SHIPPED}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.name == path.stem
+    assert load_config(path.stem) == cfg  # a bare name resolves to configs/<name>.yaml
+
+
+@pytest.mark.parametrize("name", ["paper", "debug"])
+def test_named_configs_spell_out_every_field(name):
+    raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+    assert set(raw) == {"name", *SECTIONS}
+    for section, keys in _schema_keys().items():
+        assert set(raw[section]) == keys, f"{name}.yaml [{section}] differs from the schema"
+
+
+def test_defaults_are_the_paper_yaml():
+    paper = load_config(CONFIG_DIR / "paper.yaml")
+    default = ExperimentConfig()
+    for section in SECTIONS:
+        assert getattr(paper, section) == getattr(default, section), section
+    assert load_config(None) == default
+
+
+def test_paper_values():
+    cfg = load_config("paper")
+    m, d, t, g = cfg.model, cfg.data, cfg.train, cfg.generation
+    assert (m.arch, m.n_layers, m.d_model, m.d_state, m.dropout) == ("simba", 24, 1024, 512, 0.3)
+    assert (m.vocab_size, m.pad_id, m.text_dim, m.mlp_dim, m.n_heads) == (1025, 1024, 768, 2048, 16)
+    assert (m.d_conv, m.expand, m.headdim, m.attn_layers) == (4, 2, 64, [])
+    assert (d.max_frames, d.codebook, d.frame_rate) == (2588, 0, 44100 / 512)
+    assert (t.batch_size, t.grad_accum, t.effective_batch_size) == (4, 32, 128)
+    assert (t.lr, t.weight_decay, t.betas, t.eps) == (1e-4, 0.02, (0.9, 0.999), 1e-7)
+    assert (t.warmup_steps, t.min_lr_ratio, t.label_smoothing, t.grad_clip) == (100, 0.005, 0.1, 1.0)
+    assert (t.checkpoint_every, t.num_workers, t.use_gpu) == (500, 1, True)
+    assert (g.top_k, g.cfg_scale, g.seconds) == (250, 3.0, 10.0)
+    assert type(t.lr) is float and type(t.betas) is tuple
+
+
+def test_debug_is_tiny_and_cpu_only():
+    cfg = load_config("debug")
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.text_dim) == (64, 2, 32)
+    assert (cfg.train.use_gpu, cfg.train.precision, cfg.train.max_steps) == (False, "fp32", 60)
+    assert cfg.generation.n_frames(cfg.data.frame_rate) <= cfg.data.max_frames
+
+
+def test_overrides():
+    cfg = load_config(
+        "paper",
+        [
+            "model.n_layers=12",
+            "train.lr=3e-4",  # PyYAML reads 3e-4 as a string; float fields accept it
+            "model.attn_layers=[3,7]",
+            "train.precision=bf16",
+            "train.betas=[0.8, 0.99]",
+            "mlflow.tracking_uri=sqlite:///other.db",
+            "name=foo",
+            "train.max_steps=1e3",  # an integral float is a fine int
+        ],
+    )
+    assert cfg.model.n_layers == 12
+    assert cfg.train.lr == 3e-4 and type(cfg.train.lr) is float
+    assert cfg.model.attn_layers == [3, 7]
+    assert cfg.train.precision == "bf16"
+    assert cfg.train.betas == (0.8, 0.99)
+    assert cfg.mlflow.tracking_uri == "sqlite:///other.db"
+    assert cfg.name == "foo"
+    assert cfg.train.max_steps == 1000 and type(cfg.train.max_steps) is int
+    assert cfg.model.d_model == 1024  # untouched keys keep the file's values
+    assert load_config("debug", ["model.arch=transformer"]).model.arch == "transformer"
+    assert load_config(None, ["train.grad_accum=8"]).train.grad_accum == 8
+
+
+def test_numeric_strings_in_yaml_files(tmp_path):
+    assert yaml.safe_load("lr: 1e-4") == {"lr": "1e-4"}  # the YAML 1.1 quirk the schema must absorb
+    path = tmp_path / "x.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  eps: 1e-8\n")
+    cfg = load_config(path)
+    assert (cfg.train.lr, cfg.train.eps) == (1e-4, 1e-8)
+
+
+def test_unknown_key_names_it_lists_valid_and_suggests():
+    with pytest.raises(ConfigError) as err:
+        load_config("paper", ["model.d_stat=3"])
+    msg = str(err.value)
+    assert "unknown key 'model.d_stat'" in msg
+    valid = ", ".join(sorted(_schema_keys()["model"]))
+    assert f"valid keys: {valid}" in msg
+    assert msg.startswith("override 'model.d_stat=3': unknown key 'model.d_stat'; valid keys: arch, attn_layers,")
+    assert msg.endswith("(did you mean 'model.d_state'?)")
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig.from_dict({"model": {"d_stat": 3}})
+    assert str(err.value) == f"unknown key 'model.d_stat'; valid keys: {valid} (did you mean 'model.d_state'?)"
+
+
+def test_unknown_section_and_key_in_file(tmp_path):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown key 'modle'; valid keys: data, generation, mlflow, model, name, "
+        r"train \(did you mean 'model'\?\)",
+    ):
+        load_config(None, ["modle.d_model=3"])
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown key 'train.learning_rate'; valid keys: batch_size, betas"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.d_state=abc", "model.d_state expects int, got 'abc'"),
+        ("model.n_layers=2.5", "model.n_layers expects int, got 2.5"),
+        ("model.n_layers=true", "model.n_layers expects int, got True"),
+        ("train.lr=fast", "train.lr expects float, got 'fast'"),
+        ("train.lr=.inf", "train.lr expects a finite float, got inf"),
+        ("train.use_gpu=1", "train.use_gpu expects bool, got 1"),
+        ("model.attn_layers=[1, x]", "model.attn_layers[1] expects int, got 'x'"),
+        ("model.attn_layers=3", "model.attn_layers expects list[int], got 3"),
+        ("train.betas=[0.9]", "train.betas expects tuple[float, float] (2 items), got [0.9]"),
+        ("mlflow.tracking_uri=[1]", "mlflow.tracking_uri expects str | None, got [1]"),
+        ("name=123", "name expects str, got 123"),
+        ("model=3", "model expects a mapping of ModelConfig keys, got 3"),
+    ],
+)
+def test_wrong_type_names_key_type_and_value(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("paper", [override])
+
+
+def test_invalid_literal_lists_choices():
+    with pytest.raises(ConfigError, match=re.escape("model.arch must be one of 'simba', 'transformer'; got 'mamba'")):
+        load_config(None, ["model.arch=mamba"])
+    with pytest.raises(ConfigError, match=re.escape("train.precision must be one of 'auto', 'bf16', 'fp32'; got")):
+        load_config(None, ["train.precision=fp16"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.attn_layers=[3, 24]"],
+            "model.attn_layers[1] = 24 is out of range for model.n_layers = 24 (valid: 0..23)",
+        ),
+        (["model.attn_layers=[-1]"], "model.attn_layers[0] = -1 is out of range"),
+        (["model.n_layers=4", "model.attn_layers=[4]"], "(valid: 0..3)"),
+        (["model.attn_layers=[2, 2]"], "model.attn_layers has duplicates"),
+        (["model.arch=transformer", "model.attn_layers=[1]"], "needs model.arch 'simba', got 'transformer'"),
+    ],
+)
+def test_attn_layers_checked(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.dropout=1.0"], "model.dropout must be in [0, 1), got 1.0"),
+        (["model.n_heads=7"], "model.d_model (1024) must be divisible by model.n_heads (7)"),
+        (["model.headdim=48"], "model.expand * model.d_model (2048) must be divisible by model.headdim (48)"),
+        (["model.ngroups=3"], "must be divisible by model.ngroups (3)"),
+        (["model.d_state=0"], "model.d_state must be > 0, got 0"),
+        (["data.codebook=9"], "data.codebook must be in 0..8, got 9"),
+        (["train.lr=0"], "train.lr must be > 0, got 0.0"),
+        (["train.betas=[0.9, 1.0]"], "train.betas must be two values in [0, 1)"),
+        (["train.warmup_steps=10", "train.max_steps=5"], "train.warmup_steps (10) must not exceed train.max_steps (5)"),
+        (["generation.top_p=1.5"], "generation.top_p must be in [0, 1]"),
+        (["name="], "name expects str, got None"),
+    ],
+)
+def test_range_checks(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_direct_construction_is_validated():
+    with pytest.raises(ConfigError, match=re.escape("model.d_state expects int, got 'abc'")):
+        ModelConfig(d_state="abc")
+    with pytest.raises(ConfigError, match=re.escape("train.num_workers must be >= 1, got 0")):
+        TrainConfig(num_workers=0)
+    assert TrainConfig(betas=[0.5, 0.6]).betas == (0.5, 0.6)
+    assert ExperimentConfig(model={"d_model": 64, "n_heads": 4, "headdim": 16}).model.d_model == 64
+    with pytest.raises(ConfigError, match="unknown key 'model.width'"):
+        ExperimentConfig(model={"width": 64})
+
+
+@pytest.mark.parametrize("base", [None, "paper"])
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("train.lr", "override 'train.lr' must look like section.key=value"),
+        ("=3", "must look like section.key=value"),
+        ("train..lr=3", "must look like section.key=value"),
+        ("model.d_state.x=1", "override 'model.d_state.x=1': 'model.d_state' is a value, not a section"),
+        ("train.lr=[", "override 'train.lr=[': value is not valid YAML"),
+    ],
+)
+def test_malformed_overrides(base, bad, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(base, [bad])
+
+
+def test_missing_file_lists_shipped_configs():
+    with pytest.raises(FileNotFoundError, match="one of: .*debug.*paper"):
+        load_config("no_such_config")
+
+
+@pytest.mark.parametrize("name", ["paper", "debug"])
+def test_round_trip(tmp_path, name):
+    cfg = load_config(name, ["model.attn_layers=[1]", "train.lr=3e-4", "mlflow.tracking_uri=file:///tmp/x"])
+    as_dict = cfg.to_dict()
+    assert as_dict["train"]["betas"] == [0.9, 0.999]  # plain YAML-safe types
+    assert ExperimentConfig.from_dict(yaml.safe_load(yaml.safe_dump(as_dict))) == cfg
+    path = cfg.dump_yaml(tmp_path / "sub" / "cfg.yaml")
+    assert load_config(path) == cfg
+    assert load_config(path).to_dict() == as_dict
+
+
+def test_flatten():
+    cfg = load_config("paper")
+    flat = cfg.flatten()
+    expected = {"name"} | {f"{s}.{k}" for s, keys in _schema_keys().items() for k in keys}
+    assert set(flat) == expected
+    assert flat["name"] == "paper"
+    assert flat["model.d_state"] == 512
+    assert flat["train.lr"] == 1e-4
+    assert flat["train.betas"] == [0.9, 0.999]
+    assert flat["mlflow.tracking_uri"] is None
+
+
+def test_n_frames():
+    assert GenerationConfig(seconds=10.0).n_frames(44100 / 512) == 862
+    assert GenerationConfig(seconds=30.0).n_frames(DataConfig().frame_rate) == 2584
+    assert DataConfig().frame_rate == 86.1328125
+
+
+def test_pad_id():
+    assert ModelConfig().pad_id == 1024
+    assert ModelConfig(vocab_size=17).pad_id == 16
+
+
+def test_tracking_uri_resolution(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert MLflowConfig().resolved_tracking_uri() == DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert MLflowConfig().resolved_tracking_uri() == "http://mlflow:5000"
+    assert MLflowConfig(tracking_uri="sqlite:///a.db").resolved_tracking_uri() == "sqlite:///a.db"
