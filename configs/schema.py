@@ -1,7 +1,7 @@
 """Experiment configuration: one typed dataclass per concern, one YAML file per experiment.
 
 A YAML file maps 1:1 onto `ExperimentConfig`: a top-level `name` plus one section per dataclass
-(`model`, `data`, `train`, `generation`, `mlflow`). Every field is type-checked and range-checked in
+(`model`, `data`, `preprocess`, `train`, `generation`, `mlflow`). Every field is type-checked and range-checked in
 `__post_init__`, so a config that constructs is one the rest of the code can trust, whether it came
 from a file, from `section.key=value` overrides, or from Python. Errors are `ConfigError`s that name
 the key by its dotted path (`model.d_state`) and say what would have been valid.
@@ -305,6 +305,55 @@ class DataConfig(_Section):
 
 
 @dataclass
+class PreprocessConfig(_Section):
+    """MTG-Jamendo -> DAC tokens + Flan-T5 embeddings (paper section 3), as a Ray Data pipeline.
+
+    Pretrained parts are named by identifier or local path; nothing is downloaded here.
+    """
+
+    _section: ClassVar[str] = "preprocess"
+
+    metadata_tsv: str = "data/jamendo/raw_30s_cleantags_50artists.tsv"
+    audio_root: str = "data/jamendo/audio"
+    exclude_csv: str | None = "data/song_describer.csv"  # Song Describer ids to exclude
+    rejects_dir: str = "data/rejects"  # tokens go to data.tokens_dir
+    sample_rate: int = 44100
+    clip_seconds: float = 30.0
+    seed: int = 0  # picks each track's clip order
+    separator: str = "htdemucs"  # demucs model name (from the local torch hub cache) or a .th file
+    max_silence_seconds: float = 15.0  # after vocal removal, more silence than this drops the clip
+    silence_threshold_db: float = -60.0
+    captions: Literal["tags", "file", "model"] = "tags"
+    caption_file: str | None = None  # CSV or JSONL keyed by track_id, for captions: file
+    caption_model: str | None = None  # hub id or local path, for captions: model
+    vocal_words: list[str] | None = None  # None: pipelines.filters.DEFAULT_VOCAL_WORDS
+    codec: str = "44khz"  # DAC weights: "44khz" (dac's own cache) or a .pth path
+    text_encoder: str = "google/flan-t5-base"  # hub id (local cache only) or a local directory
+    text_max_length: int = 128
+    separator_actors: int = 1
+    codec_actors: int = 1
+    text_actors: int = 1
+    gpus_per_actor: float = 0.3  # per model actor (separator, codec, text); 0.3 shares one GPU three ways
+    batch_size: int = 2  # clips per model-actor batch
+
+    def _validate(self) -> None:
+        for name in ("metadata_tsv", "audio_root", "rejects_dir", "separator", "codec", "text_encoder"):
+            self._require(name, bool(getattr(self, name)), "a non-empty string")
+        self._require("sample_rate", self.sample_rate > 0, "> 0")
+        self._require("clip_seconds", self.clip_seconds > 0.0, "> 0")
+        self._require("max_silence_seconds", self.max_silence_seconds >= 0.0, ">= 0")
+        self._require("silence_threshold_db", self.silence_threshold_db < 0.0, "< 0 (dBFS)")
+        self._require("text_max_length", self.text_max_length > 0, "> 0")
+        for name in ("separator_actors", "codec_actors", "text_actors", "batch_size"):
+            self._require(name, getattr(self, name) >= 1, ">= 1")
+        self._require("gpus_per_actor", 0.0 <= self.gpus_per_actor <= 1.0, "in [0, 1]")
+        if self.captions == "file" and not self.caption_file:
+            raise ConfigError("preprocess.captions is 'file' but preprocess.caption_file is not set")
+        if self.captions == "model" and not self.caption_model:
+            raise ConfigError("preprocess.captions is 'model' but preprocess.caption_model is not set")
+
+
+@dataclass
 class TrainConfig(_Section):
     """Optimisation, schedule, checkpoints and the Ray Train scaling of one training run."""
 
@@ -406,6 +455,7 @@ class ExperimentConfig(_Section):
     name: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)

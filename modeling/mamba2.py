@@ -491,9 +491,19 @@ class Mamba2(nn.Module):
                 B = repeat(B.to(cdtype), "b g n -> b (g r) n", r=r)  # (B, H, N)
                 C = repeat(C.to(cdtype), "b g n -> b (g r) n", r=r)  # (B, H, N)
                 dA = torch.exp(dt * A)  # (B, H)
-                new_state = ssm_state.to(cdtype) * dA[..., None, None] + torch.einsum("bh,bhp,bhn->bhpn", dt, x, B)
-                ssm_state.copy_(new_state)
-                y = torch.einsum("bhpn,bhn->bhp", new_state, C) + self.D.to(cdtype)[:, None] * x  # (B, H, P)
+                if ssm_state.dtype == cdtype:
+                    # In place: the state is the largest tensor of a step (4 MiB per layer and sample at d_state
+                    # 512), so touching it twice instead of through temporaries is most of the step's cost.
+                    Bsz, H = dA.shape
+                    flat = ssm_state.view(Bsz * H, self.headdim, self.d_state)  # (B*H, P, N)
+                    ssm_state.mul_(dA[..., None, None])
+                    flat.baddbmm_((x * dt[..., None]).reshape(Bsz * H, self.headdim, 1), B.reshape(Bsz * H, 1, -1))
+                    y = torch.bmm(flat, C.reshape(Bsz * H, -1, 1)).view(Bsz, H, self.headdim)  # (B, H, P)
+                    y = y + self.D.to(cdtype)[:, None] * x
+                else:
+                    new_state = ssm_state.to(cdtype) * dA[..., None, None] + torch.einsum("bh,bhp,bhn->bhpn", dt, x, B)
+                    ssm_state.copy_(new_state)
+                    y = torch.einsum("bhpn,bhn->bhp", new_state, C) + self.D.to(cdtype)[:, None] * x  # (B, H, P)
             y = rearrange(y, "b h p -> b (h p)")  # (B, d_inner)
             y = self._gate_norm(y, z, fast)
 

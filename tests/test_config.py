@@ -22,7 +22,7 @@ from configs import (
 )
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
-SECTIONS = ("model", "data", "train", "generation", "mlflow")
+SECTIONS = ("model", "data", "preprocess", "train", "generation", "mlflow")
 
 
 def _schema_keys() -> dict[str, set[str]]:
@@ -133,7 +133,7 @@ def test_unknown_section_and_key_in_file(tmp_path):
     with pytest.raises(
         ConfigError,
         match=r"unknown key 'modle'; valid keys: data, generation, mlflow, model, name, "
-        r"train \(did you mean 'model'\?\)",
+        r"preprocess, train \(did you mean 'model'\?\)",
     ):
         load_config(None, ["modle.d_model=3"])
     path = tmp_path / "bad.yaml"
@@ -282,3 +282,12 @@ def test_tracking_uri_resolution(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert MLflowConfig().resolved_tracking_uri() == "http://mlflow:5000"
     assert MLflowConfig(tracking_uri="sqlite:///a.db").resolved_tracking_uri() == "sqlite:///a.db"
+
+
+def test_preprocess_caption_source_needs_its_setting():
+    with pytest.raises(ConfigError, match="preprocess.caption_file is not set"):
+        load_config(None, ["preprocess.captions=file"])
+    cfg = load_config(None, ["preprocess.captions=file", "preprocess.caption_file=caps.jsonl"])
+    assert cfg.preprocess.caption_file == "caps.jsonl"
+    with pytest.raises(ConfigError, match="preprocess.gpus_per_actor must be in"):
+        load_config(None, ["preprocess.gpus_per_actor=2"])
