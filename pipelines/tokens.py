@@ -122,4 +122,3 @@ def finished_track_ids(tokens_dir: str | Path, rejects_dir: str | Path) -> set[s
         if clip_start is None:
             done.add(track_id)
     return done
-

@@ -8,6 +8,8 @@ import sys
 # job name -> module with `main(argv: list[str] | None) -> int`
 JOBS = {
     "info": ("ray_jobs.info", "size, FLOPs, memory and cache of a configured model"),
+    "make-corpus": ("ray_jobs.make_corpus", "write a small synthetic corpus in the MTG-Jamendo layout"),
+    "preprocess": ("ray_jobs.preprocess", "Jamendo audio -> DAC tokens + T5 embeddings (Ray Data -> Parquet)"),
 }
 
 

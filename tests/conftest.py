@@ -44,3 +44,26 @@ def random_text(lengths: list[int], dim: int = TEXT_DIM, seed: int = 0) -> tuple
 @pytest.fixture(params=list(ARCHS))
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray runtime for the whole test session (ray.init costs seconds).
+
+    4 logical CPUs on a 2-core machine: a second multi-worker job can deadlock with exactly 2.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory) -> dict[str, str]:
+    """Tiny random DAC, Flan-T5 and HTDemucs saved in their libraries' own formats."""
+    from modeling.tiny import make_tiny_pretrained
+
+    return make_tiny_pretrained(tmp_path_factory.mktemp("pretrained"))

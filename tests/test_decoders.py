@@ -131,8 +131,16 @@ def test_dropout_active_in_training_only(arch):
 def test_no_weight_decay_groups():
     model = tiny_model("hybrid")
     names = model.no_weight_decay_names()
-    for must in ("layers.0.mixer.A_log", "layers.0.mixer.D", "layers.0.mixer.dt_bias", "token_emb.weight",
-                 "layers.0.norm1.weight", "layers.0.mlp.fc1.bias", "text_proj.1.weight", "norm_f.weight"):
+    for must in (
+        "layers.0.mixer.A_log",
+        "layers.0.mixer.D",
+        "layers.0.mixer.dt_bias",
+        "token_emb.weight",
+        "layers.0.norm1.weight",
+        "layers.0.mlp.fc1.bias",
+        "text_proj.1.weight",
+        "norm_f.weight",
+    ):
         assert must in names, must
     for must_not in ("layers.0.mixer.in_proj.weight", "layers.1.mixer.qkv.weight", "head.weight"):
         assert must_not not in names, must_not
