@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 PY := .venv/bin/python
 
-.PHONY: uv install test lint bench clean
+.PHONY: uv install test lint demo bench clean
 
 uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -15,6 +15,10 @@ install: uv
 # pytest exits 5 when it collects no test: that is a failure here, never a silent pass.
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The main job end to end on the embedded defaults (configs/debug.yaml): minutes on a 2-core CPU.
+demo: install
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(PY) -m ray_jobs.demo
 
 lint: install
 	.venv/bin/ruff check .

@@ -378,13 +378,22 @@ class TrainConfig(_Section):
     val_every: int = 500  # optimizer steps; 0 disables
     generate_every: int = 5000  # optimizer steps; 0 disables
     max_nonfinite_steps: int = 10  # consecutive skipped steps with a non-finite loss before the run fails
+    max_failures: int = 2  # Ray Train restarts a crashed worker group this often (from the last checkpoint)
     storage_path: str = "runs"
     seed: int = 0
 
     def _validate(self) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "num_workers", "checkpoint_every", "keep_checkpoints"):
             self._require(name, getattr(self, name) >= 1, ">= 1")
-        for name in ("warmup_steps", "val_every", "generate_every", "max_nonfinite_steps", "weight_decay", "grad_clip"):
+        for name in (
+            "warmup_steps",
+            "val_every",
+            "generate_every",
+            "max_nonfinite_steps",
+            "max_failures",
+            "weight_decay",
+            "grad_clip",
+        ):
             self._require(name, getattr(self, name) >= 0, ">= 0")
         self._require("lr", self.lr > 0.0, "> 0")
         self._require("eps", self.eps > 0.0, "> 0")
@@ -416,6 +425,15 @@ class GenerationConfig(_Section):
     cfg_scale: float = 3.0  # logits = uncond + cfg_scale * (cond - uncond); 1 = no guidance
     seed: int = 0
     batch_size: int = 4
+    # Fixed captions generated during training (every train.generate_every steps) and by default in eval.
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "A calm piano piece with soft strings, relaxing mood.",
+            "An energetic rock track with electric guitar, bass and drums.",
+            "An upbeat electronic dance track with synthesizer and a steady beat.",
+            "A slow ambient soundscape with pads and gentle textures.",
+        ]
+    )
 
     def _validate(self) -> None:
         self._require("seconds", self.seconds > 0.0, "> 0")

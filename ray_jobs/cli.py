@@ -10,6 +10,9 @@ JOBS = {
     "info": ("ray_jobs.info", "size, FLOPs, memory and cache of a configured model"),
     "make-corpus": ("ray_jobs.make_corpus", "write a small synthetic corpus in the MTG-Jamendo layout"),
     "preprocess": ("ray_jobs.preprocess", "Jamendo audio -> DAC tokens + T5 embeddings (Ray Data -> Parquet)"),
+    "train": ("ray_jobs.train", "train Prefix SiMBA or the Cross Transformer on Ray Train, logging to MLflow"),
+    "generate": ("ray_jobs.generate", "WAV + spectrogram for prompts from a checkpoint"),
+    "demo": ("ray_jobs.demo", "corpus -> preprocess -> train both decoders -> generate, on a CPU in minutes"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,9 +47,8 @@ def arch(request) -> str:
     return request.param
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray runtime for the whole test session (ray.init costs seconds).
+def start_local_ray():
+    """A local Ray runtime for this test process (kept across modules: ray.init costs seconds).
 
     4 logical CPUs on a 2-core machine: a second multi-worker job can deadlock with exactly 2.
     """
@@ -56,9 +56,21 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+@pytest.fixture
+def ray_session():
+    """Ray for one test; a module that needs no other Ray instance around (job submission) shuts it down."""
+    return start_local_ray()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +79,45 @@ def tiny_pretrained(tmp_path_factory) -> dict[str, str]:
     from modeling.tiny import make_tiny_pretrained
 
     return make_tiny_pretrained(tmp_path_factory.mktemp("pretrained"))
+
+
+def preprocess_config(corpus, pretrained: dict[str, str], out: Path, *overrides: str):
+    """The debug config pointed at a generated corpus, tiny models and an output folder."""
+    from configs import load_config
+
+    return load_config(
+        "debug",
+        [
+            f"preprocess.metadata_tsv={corpus.tsv_path}",
+            f"preprocess.audio_root={corpus.root / 'audio'}",
+            f"preprocess.exclude_csv={corpus.sdd_csv_path}",
+            "preprocess.captions=file",
+            f"preprocess.caption_file={corpus.captions_path}",
+            f"preprocess.separator={pretrained['separator']}",
+            f"preprocess.codec={pretrained['codec']}",
+            f"preprocess.text_encoder={pretrained['text_encoder']}",
+            f"preprocess.rejects_dir={out / 'rejects'}",
+            f"data.tokens_dir={out / 'tokens'}",
+            "data.val_fraction=0.3",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small generated corpus in the Jamendo layout, with one example of every bad input."""
+    from pipelines.corpus import make_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    return make_corpus(root, 8, bad=True, seed=3, min_seconds=31, max_seconds=64, progress=False)
+
+
+@pytest.fixture(scope="session")
+def preprocessed(corpus, tiny_pretrained, tmp_path_factory):
+    """(config, summary) of one real preprocessing run (Ray Data, tiny real models) on `corpus`."""
+    from pipelines.preprocess import run_preprocess
+
+    start_local_ray()
+    cfg = preprocess_config(corpus, tiny_pretrained, tmp_path_factory.mktemp("preprocessed"))
+    return cfg, run_preprocess(cfg)

@@ -10,11 +10,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from configs import load_config
 from modeling.codec import MissingWeightsError
-from pipelines.corpus import make_corpus
 from pipelines.preprocess import run_preprocess
 from pipelines.tokens import REJECTS_SCHEMA, TOKENS_SCHEMA, read_parts
+from tests.conftest import preprocess_config
 
 # What the pipeline must do with each kind of track make_corpus writes: (table, stage).
 EXPECTED = {
@@ -32,31 +31,6 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"), 5, bad=True, seed=3, min_seconds=31, max_seconds=64,
-                       progress=False)  # fmt: skip
-
-
-def _cfg(corpus, pretrained, out):
-    return load_config(
-        "debug",
-        [
-            f"preprocess.metadata_tsv={corpus.tsv_path}",
-            f"preprocess.audio_root={corpus.root / 'audio'}",
-            f"preprocess.exclude_csv={corpus.sdd_csv_path}",
-            "preprocess.captions=file",
-            f"preprocess.caption_file={corpus.captions_path}",
-            f"preprocess.separator={pretrained['separator']}",
-            f"preprocess.codec={pretrained['codec']}",
-            f"preprocess.text_encoder={pretrained['text_encoder']}",
-            f"preprocess.rejects_dir={out / 'rejects'}",
-            f"data.tokens_dir={out / 'tokens'}",
-            "data.val_fraction=0.3",
-        ],
-    )
-
-
 def _outcomes(cfg) -> dict[str, tuple[str, str | None]]:
     tokens = read_parts(cfg.data.tokens_dir, schema=TOKENS_SCHEMA)
     rejects = read_parts(cfg.preprocess.rejects_dir, schema=REJECTS_SCHEMA)
@@ -72,10 +46,9 @@ def _outcomes(cfg) -> dict[str, tuple[str, str | None]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def first_run(ray_session, corpus, tiny_pretrained, tmp_path_factory):
-    cfg = _cfg(corpus, tiny_pretrained, tmp_path_factory.mktemp("out"))
-    return cfg, run_preprocess(cfg)
+@pytest.fixture
+def first_run(preprocessed, ray_session):
+    return preprocessed
 
 
 def test_every_track_has_exactly_its_expected_outcome(first_run, corpus):
@@ -149,7 +122,7 @@ def test_a_lost_part_is_redone_with_the_same_clip(first_run):
 
 
 def test_missing_weights_fail_before_reading_data(corpus, tiny_pretrained, tmp_path):
-    cfg = _cfg(corpus, {**tiny_pretrained, "codec": str(tmp_path / "nope.pth")}, tmp_path)
+    cfg = preprocess_config(corpus, {**tiny_pretrained, "codec": str(tmp_path / "nope.pth")}, tmp_path)
     with pytest.raises(MissingWeightsError, match="preprocess.codec"):
         run_preprocess(cfg)
     assert not (tmp_path / "rejects").exists() and not (tmp_path / "tokens").exists()

@@ -1,0 +1,180 @@
+"""Captions -> codebook-0 tokens -> audio, and the files a generation run leaves behind (WAV + spectrogram).
+
+Used by `simba-ttm generate` and by the training loop's periodic samples. Text goes through the same frozen
+encoder as preprocessing (right-padded fp16 features + lengths, the layout training read), so a model sees at
+generation exactly the condition it was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from configs.schema import GenerationConfig
+from eval.plots import spectrogram_png
+from modeling.codec import decode_codebook0
+from modeling.lm import TextToMusicLM
+from modeling.text_encoder import TextEncoder
+
+INDEX_FILE = "prompts.json"
+# Hidden sizes of the Flan-T5 encoders, to name the mismatch in errors.
+FLAN_T5 = {512: "Flan-T5 Small", 768: "Flan-T5 Base", 1024: "Flan-T5 Large", 2048: "Flan-T5 XL"}
+
+
+@dataclass
+class Sample:
+    """One generated clip; `wav` and `png` are set once `write_samples` has written it."""
+
+    caption: str
+    tokens: np.ndarray  # (frames,) int64 codebook-0 ids in [0, 1024)
+    audio: np.ndarray  # (frames * hop,) float32
+    sample_rate: int
+    wav: Path | None = None
+    png: Path | None = None
+
+
+def _text_dim_name(dim: int) -> str:
+    return f"{dim}-d text ({FLAN_T5[dim]})" if dim in FLAN_T5 else f"{dim}-d text"
+
+
+@torch.no_grad()
+def generate_audio(
+    model: TextToMusicLM,
+    captions: list[str],
+    *,
+    text_encoder: TextEncoder,
+    codec,
+    n_frames: int,
+    top_k: int = 250,
+    top_p: float = 0.0,
+    temperature: float = 1.0,
+    cfg_scale: float = 3.0,
+    seed: int = 0,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+) -> list[Sample]:
+    """Generate one clip per caption.
+
+    Batch b is sampled with seed `seed + b`: batches differ from each other, and the whole call is
+    reproducible for a given (seed, batch_size).
+
+    Args:
+        model: a decoder on `device` (its train/eval mode is restored afterwards).
+        captions: the prompts.
+        text_encoder: the frozen encoder the model was trained with (checked by width).
+        codec: a DAC model (`modeling.codec.load_codec`); audio comes back at `codec.sample_rate`.
+        n_frames: codec frames per clip (~86 per second).
+        top_k, top_p, temperature, cfg_scale: sampling, as in `TextToMusicLM.generate`.
+        batch_size: captions per `generate` call.
+    Returns:
+        one Sample per caption, in order, with `wav` / `png` unset.
+    Raises:
+        ValueError when the text encoder's width is not the one the model was trained on.
+    """
+    if text_encoder.dim != model.text_dim:
+        raise ValueError(
+            f"the checkpoint expects {_text_dim_name(model.text_dim)} but the text encoder gives "
+            f"{_text_dim_name(text_encoder.dim)}; use the encoder the model was trained with "
+            "(preprocess.text_encoder in its config)"
+        )
+    if n_frames < 1 or batch_size < 1:
+        raise ValueError(f"n_frames and batch_size must be >= 1, got {n_frames} and {batch_size}")
+    device = torch.device(device)
+    dtype = next(model.parameters()).dtype
+    samples = []
+    for b, start in enumerate(range(0, len(captions), batch_size)):
+        batch = list(captions[start : start + batch_size])
+        emb, lengths = text_encoder(batch)  # (B, S, text_dim) fp16 right-padded, (B,)
+        text = torch.from_numpy(emb).to(device=device, dtype=dtype)
+        lengths = torch.from_numpy(lengths).to(device)
+        mask = torch.arange(text.shape[1], device=device)[None] < lengths[:, None]  # (B, S)
+        tokens = model.generate(
+            text,
+            mask,
+            n_frames,
+            top_k=top_k,
+            top_p=top_p,
+            temperature=temperature,
+            cfg_scale=cfg_scale,
+            seed=seed + b,
+        )  # (B, n_frames)
+        tokens = tokens.cpu().numpy()
+        # One clip at a time: decoding 30 s clips as a batch would multiply the codec's activation memory.
+        for caption, toks in zip(batch, tokens, strict=True):
+            audio = decode_codebook0(codec, toks).astype(np.float32)  # (n_frames * hop,)
+            samples.append(Sample(caption, toks, audio, int(codec.sample_rate)))
+    return samples
+
+
+def sampling_options(g: GenerationConfig, frame_rate: float) -> dict:
+    """`generate_audio` keyword arguments from a generation config (frames from seconds at `frame_rate`)."""
+    return dict(
+        n_frames=g.n_frames(frame_rate),
+        top_k=g.top_k,
+        top_p=g.top_p,
+        temperature=g.temperature,
+        cfg_scale=g.cfg_scale,
+        seed=g.seed,
+        batch_size=g.batch_size,
+    )
+
+
+def slugify(text: str, max_len: int = 40) -> str:
+    """A file-name-safe form of a caption: lowercase ASCII letters, digits and single dashes, at most max_len."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return slug[:max_len].rstrip("-") or "untitled"
+
+
+def write_samples(samples: list[Sample], out_dir: str | Path, prefix: str = "sample") -> list[Sample]:
+    """Write each sample as `{prefix}_{i:02d}_{slug}.wav` (16-bit PCM) and `.png` (spectrogram), plus an index.
+
+    Audio louder than full scale is scaled down to peak 1 (16-bit PCM would clip it); quieter audio is written
+    as generated, so loudness stays comparable across samples. `prompts.json` in `out_dir` lists caption,
+    files and duration per sample; entries of other prefixes already there are kept.
+
+    Returns:
+        the samples with `wav` and `png` set.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, entries = [], []
+    for i, sample in enumerate(samples):
+        stem = f"{prefix}_{i:02d}_{slugify(sample.caption)}"
+        audio = np.nan_to_num(np.asarray(sample.audio, dtype=np.float32))
+        peak = float(np.abs(audio).max()) if audio.size else 0.0
+        if peak > 1.0:
+            audio = audio / peak
+        wav = out_dir / f"{stem}.wav"
+        sf.write(wav, audio, sample.sample_rate, subtype="PCM_16")
+        png = spectrogram_png(audio, sample.sample_rate, out_dir / f"{stem}.png", title=sample.caption)
+        written.append(dataclasses.replace(sample, wav=wav, png=png))
+        entries.append(
+            {
+                "caption": sample.caption,
+                "wav": wav.name,
+                "png": png.name,
+                "seconds": round(len(audio) / sample.sample_rate, 3),
+                "frames": len(sample.tokens),
+                "peak_normalised": peak > 1.0,
+            }
+        )
+    index = out_dir / INDEX_FILE
+    try:
+        previous = json.loads(index.read_text()) if index.is_file() else []
+    except ValueError:  # a damaged index is rebuilt rather than blocking the samples
+        previous = []
+    if not isinstance(previous, list):
+        previous = []
+    names = {e["wav"] for e in entries}
+    kept = [e for e in previous if isinstance(e, dict) and e.get("wav") not in names]
+    index.write_text(json.dumps(kept + entries, indent=2, ensure_ascii=False) + "\n")
+    return written

@@ -1,0 +1,109 @@
+"""`simba-ttm generate --checkpoint PATH (--prompt TEXT ... | --prompts FILE) [options]`: captions -> WAV + PNG.
+
+Sampling options default to the checkpoint's own `generation` config, and the text encoder and codec to its
+`preprocess.text_encoder` / `preprocess.codec` (paths relative to the working directory). `--checkpoint`
+takes a model file, a checkpoint directory or a whole training run folder (its highest step is used).
+Runs where it is started: `ray job submit ... -- simba-ttm generate ... --device cuda` runs it on a GPU box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+PROG = "simba-ttm generate"
+
+
+def _fail(message: object) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return 2
+
+
+def _read_prompts(path: str) -> list[str]:
+    """One prompt per non-empty line."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="model.pt, a checkpoint directory, or a run folder")
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="a caption (repeat for several)")
+    prompts.add_argument("--prompts", metavar="FILE", help="a text file with one caption per non-empty line")
+    sampling = parser.add_argument_group("sampling (default: the checkpoint's generation config)")
+    sampling.add_argument("--seconds", type=float, help="length of each clip")
+    sampling.add_argument("--cfg", type=float, dest="cfg_scale", help="classifier-free guidance scale (1 = none)")
+    sampling.add_argument("--top-k", type=int, help="0 disables")
+    sampling.add_argument("--top-p", type=float, help="0 disables")
+    sampling.add_argument("--temperature", type=float)
+    sampling.add_argument("--seed", type=int)
+    sampling.add_argument("--batch-size", type=int, help="captions per batch")
+    parser.add_argument("--out", default="outputs/generate", help="output folder (default: %(default)s)")
+    parser.add_argument("--text-encoder", help="Flan-T5 directory or hub id (default: preprocess.text_encoder)")
+    parser.add_argument("--codec", help="DAC .pth or id (default: preprocess.codec)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from configs import ConfigError
+    from modeling.codec import MissingWeightsError, load_codec
+    from modeling.text_encoder import TextEncoder
+    from pipelines.checkpoints import load_model
+    from pipelines.generation import INDEX_FILE, generate_audio, sampling_options, write_samples
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        return _fail("--device cuda was given but no CUDA device is available")
+    try:
+        captions = args.prompt if args.prompt else _read_prompts(args.prompts)
+    except OSError as err:
+        return _fail(f"cannot read --prompts: {err}")
+    if not captions or not all(c.strip() for c in captions):
+        return _fail("no prompts: give non-empty --prompt TEXT or a --prompts FILE with one caption per line")
+
+    try:
+        model, cfg, step = load_model(args.checkpoint, device=device)
+        given = {
+            name: getattr(args, name)
+            for name in ("seconds", "cfg_scale", "top_k", "top_p", "temperature", "seed", "batch_size")
+            if getattr(args, name) is not None
+        }
+        gen = dataclasses.replace(cfg.generation, **given)  # re-validated: a bad flag is a ConfigError
+        n_frames = gen.n_frames(cfg.data.frame_rate)
+        print(f"checkpoint {args.checkpoint} (step {step}, {cfg.model.arch}); {n_frames} frames per clip on {device}")
+        text_encoder = TextEncoder(
+            args.text_encoder or cfg.preprocess.text_encoder,
+            device=device,
+            max_length=cfg.preprocess.text_max_length,
+            setting="--text-encoder (or preprocess.text_encoder in the checkpoint config)",
+        )
+        codec = load_codec(
+            args.codec or cfg.preprocess.codec,
+            device=device,
+            setting="--codec (or preprocess.codec in the checkpoint config)",
+        )
+        start = time.perf_counter()
+        options = sampling_options(gen, cfg.data.frame_rate)
+        samples = generate_audio(model, captions, text_encoder=text_encoder, codec=codec, device=device, **options)
+        elapsed = time.perf_counter() - start
+    except (MissingWeightsError, FileNotFoundError, ConfigError, ValueError) as err:
+        return _fail(err)
+
+    samples = write_samples(samples, args.out)
+    for s in samples:
+        print(f"{s.caption!r} -> {s.wav}, {s.png}")
+    audio_seconds = sum(len(s.audio) / s.sample_rate for s in samples)
+    print(
+        f"{len(samples)} clips, {audio_seconds:.1f} s of audio in {elapsed:.1f} s "
+        f"(real-time factor {elapsed / audio_seconds:.2f}: compute seconds per audio second); "
+        f"index: {Path(args.out) / INDEX_FILE}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""`simba-ttm train --config FILE [key=value ...]`: train a decoder on Ray Train, logging to MLflow.
+
+Connects to RAY_ADDRESS (or `--address`), else starts a local Ray. Starting the same experiment name with
+the same train.storage_path again resumes from its latest checkpoint, in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from configs import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="simba-ttm train", description=__doc__)
+    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/paper.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.arch=transformer")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+    parser.add_argument("--local-mode", action="store_true", help="run the loop in this process (debugging)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from pipelines.training import check_before_ray
+
+        check_before_ray(cfg)  # data present and large enough, before Ray starts
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"simba-ttm train: {err}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    from modeling.codec import MissingWeightsError
+    from pipelines.training import run_training
+
+    if args.address:
+        ray.init(address=args.address)
+    try:
+        out = run_training(cfg, local_mode=args.local_mode)
+    except (ConfigError, MissingWeightsError) as err:
+        print(f"simba-ttm train: {err}", file=sys.stderr)
+        return 2
+    checkpoint = out.result.checkpoint.path if out.result.checkpoint else "none"
+    print(f"finished: MLflow run {out.run_id}")
+    print(f"latest checkpoint: {checkpoint}")
+    print(f"browse runs: mlflow ui --backend-store-uri {out.tracking_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
