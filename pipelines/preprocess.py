@@ -24,6 +24,7 @@ from configs.schema import ConfigError, ExperimentConfig
 from pipelines.audio import decode_track
 from pipelines.filters import DEFAULT_VOCAL_WORDS
 from pipelines.jamendo import Reject, Track, audio_path, read_excluded_ids, read_metadata
+from pipelines.runtime import ensure_ray
 from pipelines.selection import select_clip
 from pipelines.tokens import (
     REJECTS_SCHEMA,
@@ -304,13 +305,19 @@ def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> P
     statuses = [("rejected", r.stage) for r in new_rejects]
 
     if todo:
-        if not ray.is_initialized():
-            ray.init()
+        ensure_ray()
         gpus = p.gpus_per_actor
         if gpus > 0 and ray.cluster_resources().get("GPU", 0) < gpus:
             raise ConfigError(
                 f"preprocess.gpus_per_actor={gpus:g} but the Ray cluster has no GPU; "
                 "set preprocess.gpus_per_actor=0 to run the model steps on CPUs"
+            )
+        actors = p.separator_actors + p.codec_actors + p.text_actors
+        if ray.cluster_resources().get("CPU", 0) < actors + 1:
+            raise ConfigError(
+                f"the Ray cluster has {ray.cluster_resources().get('CPU', 0):g} CPUs; the {actors} model actors "
+                "(preprocess.separator_actors + codec_actors + text_actors) hold one each and decoding needs one "
+                "more: lower the actor counts or give Ray more CPUs (ray start --num-cpus)"
             )
         device = "cuda" if gpus > 0 else "cpu"
         items = [
@@ -324,7 +331,15 @@ def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> P
         ]
         cfg_dict = cfg.to_dict()
         ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
-        ds = ds.map(decode_step, fn_kwargs=dict(sample_rate=p.sample_rate, clip_seconds=p.clip_seconds))
+        # Decode/resample/clip are plain CPU tasks. Their own retry setting also keeps Ray Data from fusing them
+        # into the separator actors (it fuses steps with equal remote args), so decoding scales with the CPUs
+        # of the cluster instead of with preprocess.separator_actors.
+        ds = ds.map(
+            decode_step,
+            fn_kwargs=dict(sample_rate=p.sample_rate, clip_seconds=p.clip_seconds),
+            num_cpus=1,
+            max_retries=2,
+        )
         model_step = dict(num_gpus=gpus, fn_constructor_kwargs=dict(cfg=cfg_dict, device=device))
         # One track per call: a track's clips are visited sequentially and most stop at the first clip.
         ds = ds.map_batches(

@@ -25,6 +25,7 @@ from configs.schema import ConfigError, ExperimentConfig, TrainConfig
 from modeling.builders import build_model
 from modeling.lm import TextToMusicLM
 from pipelines.dataset import EpochBatches, collate, count_split, read_split, token_files
+from pipelines.runtime import ensure_ray
 
 STATE_FILE = "state.pt"
 
@@ -359,8 +360,7 @@ def run_training(cfg: ExperimentConfig, *, local_mode: bool = False) -> Training
     if n_val == 0 and cfg.train.val_every > 0:
         print("note: the validation split is empty; validation is skipped (raise data.val_fraction)", file=sys.stderr)
         cfg = ExperimentConfig.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "val_every": 0}})
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     use_gpu = cfg.train.use_gpu and not local_mode
     if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
         raise ConfigError("train.use_gpu is true but the Ray cluster has no GPU; set train.use_gpu=false for CPUs")

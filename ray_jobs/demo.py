@@ -33,11 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.time()
 
-    import ray
-
     from modeling.tiny import make_tiny_pretrained
     from pipelines.corpus import make_corpus
     from pipelines.preprocess import run_preprocess
+    from pipelines.runtime import ensure_ray
     from pipelines.training import run_training
 
     p = cfg.preprocess
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"NOTE: no real weights configured for {', '.join(missing)}: using TINY RANDOM models ({made}).")
         print("      The pipeline and training are real; the audio will not sound like music.")
 
-    ray.init(ignore_reinit_error=True)
+    ensure_ray()
     _banner("2/4 preprocess (Ray Data): decode, clip, vocal removal, silence rule, captions, DAC, Flan-T5")
     summary = run_preprocess(cfg)
     print(summary.table())

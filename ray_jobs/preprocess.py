@@ -27,13 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simba-ttm preprocess: {err}", file=sys.stderr)
         return 2
 
-    import ray
-
     from modeling.codec import MissingWeightsError
     from pipelines.preprocess import run_preprocess
+    from pipelines.runtime import ensure_ray
 
-    if args.address:
-        ray.init(address=args.address)
+    ensure_ray(args.address)
     try:
         summary = run_preprocess(cfg)
     except (ConfigError, MissingWeightsError, FileNotFoundError) as err:

@@ -28,13 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simba-ttm train: {err}", file=sys.stderr)
         return 2
 
-    import ray
-
     from modeling.codec import MissingWeightsError
+    from pipelines.runtime import ensure_ray
     from pipelines.training import run_training
 
-    if args.address:
-        ray.init(address=args.address)
+    ensure_ray(args.address)
     try:
         out = run_training(cfg, local_mode=args.local_mode)
     except (ConfigError, MissingWeightsError) as err:
