@@ -83,12 +83,14 @@ def test_submitted_debug_training_succeeds_and_logs_to_mlflow(preprocessed, ray_
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runtime_env = {"excludes": EXCLUDES, "env_vars": {"MLFLOW_TRACKING_URI": db, "RAY_AUTH_MODE": "disabled"}}
     job_id = f"simba-test-{int(time.time())}"
-    submit = subprocess.run(
-        [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
-         "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
-         "--", "simba-ttm", "train", "--config", str(cfg_path)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
+           "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
+           "--", "simba-ttm", "train", "--config", str(cfg_path)]  # fmt: skip
+    for _ in range(30):  # the job server answers before the node's job agent is up: "try again later"
+        submit = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, submit.stdout + submit.stderr
     from ray.job_submission import JobStatus, JobSubmissionClient
 
