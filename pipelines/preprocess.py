@@ -24,7 +24,7 @@ from configs.schema import ConfigError, ExperimentConfig
 from pipelines.audio import decode_track
 from pipelines.filters import DEFAULT_VOCAL_WORDS
 from pipelines.jamendo import Reject, Track, audio_path, read_excluded_ids, read_metadata
-from pipelines.runtime import ensure_ray
+from pipelines.runtime import absolute_paths, ensure_ray
 from pipelines.selection import select_clip
 from pipelines.tokens import (
     REJECTS_SCHEMA,
@@ -258,26 +258,12 @@ def _check_pretrained(cfg: ExperimentConfig) -> None:
     TextEncoder(p.text_encoder, setting="preprocess.text_encoder")
 
 
-def _absolute(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Ray workers run in their own directories: resolve every path against the driver's."""
-    d = cfg.to_dict()
-    p = d["preprocess"]
-    for key in ("metadata_tsv", "audio_root", "exclude_csv", "rejects_dir", "caption_file"):
-        if p[key]:
-            p[key] = str(Path(p[key]).expanduser().resolve())
-    for key in ("separator", "codec", "text_encoder", "caption_model"):
-        if p[key] and Path(p[key]).expanduser().exists():
-            p[key] = str(Path(p[key]).expanduser().resolve())
-    d["data"]["tokens_dir"] = str(Path(d["data"]["tokens_dir"]).expanduser().resolve())
-    return ExperimentConfig.from_dict(d)
-
-
 def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> PreprocessSummary:
     """Run the whole pipeline on the current Ray cluster (starting a local one when none is connected)."""
     import ray
 
     t0 = time.time()
-    cfg = _absolute(cfg)
+    cfg = absolute_paths(cfg)
     p = cfg.preprocess
     if check_pretrained:
         _check_pretrained(cfg)

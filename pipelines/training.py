@@ -25,7 +25,7 @@ from configs.schema import ConfigError, ExperimentConfig, TrainConfig
 from modeling.builders import build_model
 from modeling.lm import TextToMusicLM
 from pipelines.dataset import EpochBatches, collate, count_split, read_split, token_files
-from pipelines.runtime import ensure_ray
+from pipelines.runtime import absolute_paths, ensure_ray
 
 STATE_FILE = "state.pt"
 
@@ -317,18 +317,6 @@ class _null:
 
 
 # --- the driver -------------------------------------------------------------------------------------------
-
-
-def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Workers run in their own directories: resolve every path the run reads or writes on the driver."""
-    d = cfg.to_dict()
-    d["data"]["tokens_dir"] = str(Path(d["data"]["tokens_dir"]).expanduser().resolve())
-    d["train"]["storage_path"] = str(Path(d["train"]["storage_path"]).expanduser().resolve())
-    for key in ("text_encoder", "codec"):
-        value = d["preprocess"][key]
-        if value and Path(value).expanduser().exists():
-            d["preprocess"][key] = str(Path(value).expanduser().resolve())
-    return ExperimentConfig.from_dict(d)
 
 
 def check_before_ray(cfg: ExperimentConfig) -> tuple[int, int]:
