@@ -56,7 +56,7 @@ def _article(word: str) -> str:
 # Phrasings picked per track (by a hash of its id), so tag captions do not all share one template.
 _NOUNS = ("track", "piece", "tune", "composition")
 _INSTRUMENT_CLAUSES = ("with {}", "featuring {}", "built around {}", "played on {}")
-_MOOD_CLAUSES = ("with a {} mood", "evoking a {} atmosphere", "in a {} mood", "setting a {} tone")
+_MOOD_CLAUSES = ("with {a} {m} mood", "evoking {a} {m} atmosphere", "in {a} {m} mood", "setting {a} {m} tone")
 
 
 class TagCaptioner:
@@ -90,7 +90,9 @@ class TagCaptioner:
         if instruments:
             text += " " + _INSTRUMENT_CLAUSES[h[1] % len(_INSTRUMENT_CLAUSES)].format(_join(instruments))
         if moods:
-            text += (", " if instruments else " ") + _MOOD_CLAUSES[h[2] % len(_MOOD_CLAUSES)].format(_join(moods))
+            mood = _join(moods)
+            clause = _MOOD_CLAUSES[h[2] % len(_MOOD_CLAUSES)].format(a=_article(mood).lower(), m=mood)
+            text += (", " if instruments else " ") + clause
         return text + "."
 
 

@@ -356,6 +356,10 @@ def test_tag_captioner():
     assert cap(track(tags=["genre---electronic"]), None, SR).startswith("An electronic ")
     only_mood = cap(track(tags=["mood/theme---calm"]), None, SR)
     assert "calm" in only_mood and "None" not in only_mood
+    # the article agrees with the mood word, whatever the phrasing the track id picks
+    for i in range(12):
+        text = cap(track(f"track_{i:07d}", ["genre---rock", "mood/theme---uplifting"]), None, SR)
+        assert "an uplifting" in text and "a uplifting" not in text, text
 
 
 def test_tag_captioner_mentions_voice_even_past_the_instrument_limit():
