@@ -164,13 +164,15 @@ class TextToMusicLM(nn.Module):
         cfg_scale: float = 3.0,
         seed: int | None = None,
         use_cache: bool = True,
+        compile: bool = False,
     ) -> Tensor:
         """Sample `n_frames` codebook-0 tokens per caption.
 
         The text is prefilled once; then each token costs one recurrent step (SiMBA) or one KV-cache step
         (Transformer). With cfg_scale != 1 the conditional and unconditional streams run as one batch.
         `use_cache=False` recomputes the whole sequence for every token (the paper code's method; kept as
-        the reference and benchmark baseline).
+        the reference and benchmark baseline). `compile=True` decodes with `modeling.compiled.compiled_step`
+        (attention-free SiMBA; the first call per model and batch size pays the compilation).
 
         Returns:
             (B, n_frames) long tokens in [0, pad_id).
@@ -200,12 +202,17 @@ class TextToMusicLM(nn.Module):
 
             out = []
             if use_cache:
+                step = self.step
+                if compile:
+                    from modeling.compiled import compiled_step  # here: modeling.compiled imports this module
+
+                    step = compiled_step(self)
                 logits, state = self.prefill(seq, text, text_mask, max_len=n_frames + 1)
                 for i in range(n_frames):
                     tok = next_token(logits)
                     out.append(tok[:B])
                     if i + 1 < n_frames:
-                        logits = self.step(tok, state)
+                        logits = step(tok, state)
             else:
                 for _ in range(n_frames):
                     logits = self.logits(self._hidden(seq, text, text_mask, None)[:, -1])

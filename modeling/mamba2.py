@@ -491,9 +491,10 @@ class Mamba2(nn.Module):
                 B = repeat(B.to(cdtype), "b g n -> b (g r) n", r=r)  # (B, H, N)
                 C = repeat(C.to(cdtype), "b g n -> b (g r) n", r=r)  # (B, H, N)
                 dA = torch.exp(dt * A)  # (B, H)
-                if ssm_state.dtype == cdtype:
+                if ssm_state.dtype == cdtype and not torch.compiler.is_compiling():
                     # In place: the state is the largest tensor of a step (4 MiB per layer and sample at d_state
                     # 512), so touching it twice instead of through temporaries is most of the step's cost.
+                    # (Under torch.compile the broadcast form below is better: inductor fuses it into one pass.)
                     Bsz, H = dA.shape
                     flat = ssm_state.view(Bsz * H, self.headdim, self.d_state)  # (B*H, P, N)
                     ssm_state.mul_(dA[..., None, None])
@@ -501,9 +502,10 @@ class Mamba2(nn.Module):
                     y = torch.bmm(flat, C.reshape(Bsz * H, -1, 1)).view(Bsz, H, self.headdim)  # (B, H, P)
                     y = y + self.D.to(cdtype)[:, None] * x
                 else:
-                    new_state = ssm_state.to(cdtype) * dA[..., None, None] + torch.einsum("bh,bhp,bhn->bhpn", dt, x, B)
+                    dBx = (x * dt[..., None])[..., None] * B[:, :, None, :]  # (B, H, P, N)
+                    new_state = ssm_state.to(cdtype) * dA[..., None, None] + dBx
                     ssm_state.copy_(new_state)
-                    y = torch.einsum("bhpn,bhn->bhp", new_state, C) + self.D.to(cdtype)[:, None] * x  # (B, H, P)
+                    y = (new_state * C[:, :, None, :]).sum(-1) + self.D.to(cdtype)[:, None] * x  # (B, H, P)
             y = rearrange(y, "b h p -> b (h p)")  # (B, d_inner)
             y = self._gate_norm(y, z, fast)
 

@@ -59,6 +59,7 @@ def generate_audio(
     cfg_scale: float = 3.0,
     seed: int = 0,
     batch_size: int = 4,
+    compile: bool = False,
     device: str | torch.device = "cpu",
 ) -> list[Sample]:
     """Generate one clip per caption.
@@ -74,6 +75,7 @@ def generate_audio(
         n_frames: codec frames per clip (~86 per second).
         top_k, top_p, temperature, cfg_scale: sampling, as in `TextToMusicLM.generate`.
         batch_size: captions per `generate` call.
+        compile: decode with the compiled step (`modeling.compiled`; attention-free SiMBA only).
     Returns:
         one Sample per caption, in order, with `wav` / `png` unset.
     Raises:
@@ -105,6 +107,7 @@ def generate_audio(
             temperature=temperature,
             cfg_scale=cfg_scale,
             seed=seed + b,
+            compile=compile,
         )  # (B, n_frames)
         tokens = tokens.cpu().numpy()
         # One clip at a time: decoding 30 s clips as a batch would multiply the codec's activation memory.
@@ -124,6 +127,7 @@ def sampling_options(g: GenerationConfig, frame_rate: float) -> dict:
         cfg_scale=g.cfg_scale,
         seed=g.seed,
         batch_size=g.batch_size,
+        compile=g.compile,
     )
 
 

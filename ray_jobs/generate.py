@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     sampling.add_argument("--temperature", type=float)
     sampling.add_argument("--seed", type=int)
     sampling.add_argument("--batch-size", type=int, help="captions per batch")
+    sampling.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode with the compiled SiMBA step (one-off compilation, then ~3x faster per token on a CPU)",
+    )
     parser.add_argument("--out", default="outputs/generate", help="output folder (default: %(default)s)")
     parser.add_argument("--text-encoder", help="Flan-T5 directory or hub id (default: preprocess.text_encoder)")
     parser.add_argument("--codec", help="DAC .pth or id (default: preprocess.codec)")
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg, step = load_model(args.checkpoint, device=device)
         given = {
             name: getattr(args, name)
-            for name in ("seconds", "cfg_scale", "top_k", "top_p", "temperature", "seed", "batch_size")
+            for name in ("seconds", "cfg_scale", "top_k", "top_p", "temperature", "seed", "batch_size", "compile")
             if getattr(args, name) is not None
         }
         gen = dataclasses.replace(cfg.generation, **given)  # re-validated: a bad flag is a ConfigError

@@ -249,6 +249,17 @@ def test_cli_prompts_file(tmp_path, checkpoint, capsys):
     assert all(e["frames"] == 5 for e in index)  # ceil(0.05 s * 86.13 fps)
 
 
+def test_cli_compiled_decoding_writes_the_same_audio(tmp_path, checkpoint, capsys):
+    audio = {}
+    for flag in ("--no-compile", "--compile"):
+        out = tmp_path / flag.strip("-")
+        rc = main(["--checkpoint", str(checkpoint), "--prompt", "calm piano", "--seconds", "0.1"]
+                  + ["--out", str(out), "--device", "cpu", flag])  # fmt: skip
+        assert rc == 0, capsys.readouterr().err
+        audio[flag] = sf.read(out / "sample_00_calm-piano.wav")[0]
+    assert np.array_equal(audio["--no-compile"], audio["--compile"])
+
+
 def test_cli_errors_return_2(tmp_path, checkpoint, capsys):
     assert main(["--checkpoint", str(tmp_path / "missing"), "--prompt", "calm piano"]) == 2
     assert "does not exist" in capsys.readouterr().err
