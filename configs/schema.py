@@ -425,7 +425,7 @@ class GenerationConfig(_Section):
     cfg_scale: float = 3.0  # logits = uncond + cfg_scale * (cond - uncond); 1 = no guidance
     seed: int = 0
     batch_size: int = 4
-    # Decode with the compiled SiMBA step (modeling/compiled.py): ~3x faster per token on a CPU, after a
+    # Decode with the compiled SiMBA step (modeling/compiled.py): ~4x faster per token on a CPU, after a
     # one-off compilation (~30 s); models with attention layers decode eagerly whatever this says.
     compile: bool = False
     # Fixed captions generated during training (every train.generate_every steps) and by default in eval.

@@ -18,8 +18,10 @@ which would recompile every step, so models with attention fall back to the eage
 
 from __future__ import annotations
 
+import sysconfig
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -80,10 +82,25 @@ def supports_compiled_step(model: TextToMusicLM) -> bool:
     return not any(isinstance(module, SelfAttention) for module in model.modules())
 
 
+def cpu_compile_problem() -> str | None:
+    """Why TorchInductor cannot build CPU kernels on this machine (no C++ compiler, no Python headers), or None."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as err:  # torch raises its own InvalidCxxCompiler
+        return f"no C++ compiler for TorchInductor ({err}); install g++ or set CXX"
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not header.is_file():
+        return f"Python headers are missing ({header}); install them (e.g. python3-dev)"
+    return None
+
+
 def compiled_step(model: TextToMusicLM) -> StepFn:
     """`model.step` compiled (the first call per model and batch size compiles: ~30 s on 2 cores, less cached).
 
-    Returns the eager `model.step` (and warns) for models with attention layers.
+    Returns the eager `model.step` (and warns) for models with attention layers, and on a CPU that cannot
+    build kernels.
     """
     if not supports_compiled_step(model):
         warnings.warn(
@@ -91,6 +108,10 @@ def compiled_step(model: TextToMusicLM) -> StepFn:
             "decoding with the eager step (compile applies to attention-free SiMBA)",
             stacklevel=2,
         )
+        return model.step
+    problem = cpu_compile_problem() if model.head.weight.device.type == "cpu" else None
+    if problem:
+        warnings.warn(f"cannot compile the decoding step: {problem}; decoding with the eager step", stacklevel=2)
         return model.step
     # Dynamo keeps compiled code on TextToMusicLM.step's code object, guarded by this backend and the
     # model, so a new wrapper per call reuses it. dynamic=False: one graph per batch size, row count static.

@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modeling.compiled import _mm, _rows_times, compiled_step, supports_compiled_step
+from modeling.compiled import _mm, _rows_times, compiled_step, cpu_compile_problem, supports_compiled_step
 from modeling.lm import with_null_condition
 from tests.conftest import random_text, tiny_model
 
 VOCAB = 1025
+needs_compiler = pytest.mark.skipif(cpu_compile_problem() is not None, reason=str(cpu_compile_problem()))
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,7 @@ def test_rows_times_is_a_matrix_product():
     assert _mm(torch.randn(9, 4), torch.randn(4, 2)) is NotImplemented  # more rows than SMALL_ROWS: gemm
 
 
+@needs_compiler
 @torch.no_grad()
 def test_compiled_step_equals_eager_step(simba):
     """Teacher-forced: the same tokens through both steps give the same logits and SSM states."""
@@ -51,6 +53,7 @@ def test_compiled_step_equals_eager_step(simba):
     assert torch.equal(eager_state.next_pos, fast_state.next_pos)
 
 
+@needs_compiler
 def test_compiled_generation_samples_the_eager_tokens(simba):
     text, mask = random_text([3, 6], seed=4)
     opts = dict(n_frames=16, top_k=50, cfg_scale=3.0, seed=11)
