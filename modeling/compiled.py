@@ -18,6 +18,7 @@ which would recompile every step, so models with attention fall back to the eage
 
 from __future__ import annotations
 
+import functools
 import sysconfig
 import warnings
 from collections.abc import Callable
@@ -82,6 +83,7 @@ def supports_compiled_step(model: TextToMusicLM) -> bool:
     return not any(isinstance(module, SelfAttention) for module in model.modules())
 
 
+@functools.cache  # a property of the machine; finding the compiler runs `c++ --version`
 def cpu_compile_problem() -> str | None:
     """Why TorchInductor cannot build CPU kernels on this machine (no C++ compiler, no Python headers), or None."""
     try:
