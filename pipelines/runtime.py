@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+from configs.schema import ExperimentConfig
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -34,12 +37,8 @@ _PATHS = {
 _PATH_OR_ID = {"preprocess": ("separator", "codec", "text_encoder", "caption_model")}
 
 
-def absolute_paths(cfg):
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """Ray workers run in their own directories: resolve every path of `cfg` against the driver's."""
-    from pathlib import Path
-
-    from configs.schema import ExperimentConfig
-
     d = cfg.to_dict()
     for section, keys in _PATHS.items():
         for key in keys:
