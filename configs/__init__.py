@@ -1,11 +1,11 @@
-"""Experiment configs: typed dataclasses (schema.py) and one YAML per experiment in this folder."""
+"""Experiment configs: typed dataclasses (schema.py, checked as validation.py says), YAML files that inherit
+(loading.py), and one YAML per experiment in this folder."""
 
+from configs.loading import CONFIG_DIR, apply_overrides, load_config, load_file, resolve_config_path
 from configs.schema import (
-    CONFIG_DIR,
     DAC_FRAME_RATE,
     DAC_N_CODEBOOKS,
     DEFAULT_TRACKING_URI,
-    ConfigError,
     DataConfig,
     ExperimentConfig,
     GenerationConfig,
@@ -13,10 +13,8 @@ from configs.schema import (
     ModelConfig,
     PreprocessConfig,
     TrainConfig,
-    apply_overrides,
-    load_config,
-    resolve_config_path,
 )
+from configs.validation import ConfigError
 
 __all__ = [
     "CONFIG_DIR",
@@ -33,5 +31,6 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "load_config",
+    "load_file",
     "resolve_config_path",
 ]

@@ -20,6 +20,7 @@ from configs import (
     TrainConfig,
     load_config,
 )
+from configs.loading import load_file, resolve_config_path
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 SECTIONS = ("model", "data", "preprocess", "train", "generation", "mlflow")
@@ -42,12 +43,38 @@ def test_every_shipped_yaml_loads(path):
     assert load_config(path.stem) == cfg  # a bare name resolves to configs/<name>.yaml
 
 
-@pytest.mark.parametrize("name", ["paper", "debug"])
-def test_named_configs_spell_out_every_field(name):
-    raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+def test_paper_yaml_spells_out_every_field():
+    """The root config documents every key; the others inherit from it and list only what differs."""
+    raw = yaml.safe_load((CONFIG_DIR / "paper.yaml").read_text())
     assert set(raw) == {"name", *SECTIONS}
     for section, keys in _schema_keys().items():
-        assert set(raw[section]) == keys, f"{name}.yaml [{section}] differs from the schema"
+        assert set(raw[section]) == keys, f"paper.yaml [{section}] differs from the schema"
+
+
+INHERITING = [p for p in SHIPPED if "base" in yaml.safe_load(p.read_text())]
+
+
+def test_debug_and_small_inherit():
+    assert {"debug", "small"} <= {p.stem for p in INHERITING}
+
+
+@pytest.mark.parametrize("path", INHERITING, ids=lambda p: p.name)
+def test_inheriting_configs_list_only_differences(path):
+    raw = yaml.safe_load(path.read_text())
+    base = load_file(resolve_config_path(raw["base"], relative_to=path.parent))
+    own = load_file(path)
+    for section, values in raw.items():
+        if section in ("base", "name"):
+            continue
+        assert values, f"{path.name}: empty section {section!r}"
+        for key in values:
+            assert own[section][key] != base[section][key], f"{path.name}: {section}.{key} repeats its base's value"
+    # and what it does not list is its base's
+    cfg, base_cfg = load_config(path), ExperimentConfig.from_dict(base)
+    for section in SECTIONS:
+        for key in _schema_keys()[section]:
+            if key not in raw.get(section, {}):
+                assert getattr(getattr(cfg, section), key) == getattr(getattr(base_cfg, section), key)
 
 
 def test_defaults_are_the_paper_yaml():
@@ -291,3 +318,83 @@ def test_preprocess_caption_source_needs_its_setting():
     assert cfg.preprocess.caption_file == "caps.jsonl"
     with pytest.raises(ConfigError, match="preprocess.gpus_per_actor must be in"):
         load_config(None, ["preprocess.gpus_per_actor=2"])
+
+
+def test_small_is_a_small_model():
+    from modeling.summary import summarize
+
+    cfg = load_config("small")
+    assert (cfg.model.d_model, cfg.train.use_gpu, cfg.data.max_frames) == (512, True, 2588)
+    for arch in ("simba", "transformer"):
+        params = summarize(load_config("small", [f"model.arch={arch}"])).params
+        assert 30e6 <= params <= 60e6, f"small {arch}: {params / 1e6:.1f}M parameters"
+
+
+def test_direct_construction_rejects_bools_as_numbers():
+    with pytest.raises(ConfigError, match=re.escape("train.lr expects float, got True (bool)")):
+        TrainConfig(lr=True)
+    with pytest.raises(ConfigError, match=re.escape("model.d_model expects int, got False (bool)")):
+        ModelConfig(d_model=False)
+    message = "train.betas expects tuple[float, float] (2 items), got [0.1, 0.2, 0.3]"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TrainConfig(betas=[0.1, 0.2, 0.3])
+
+
+def test_several_type_errors_are_all_reported():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.d_state=abc", "train.lr=fast"])
+    assert str(err.value).splitlines() == [
+        "model.d_state expects int, got 'abc' (str)",
+        "train.lr expects float, got 'fast' (str)",
+    ]
+
+
+# --- inheritance ----------------------------------------------------------------------------------
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_relative_to_the_file_and_merged_deeply(tmp_path):
+    _write(tmp_path / "a" / "parent.yaml", "name: parent\nmodel:\n  d_model: 64\n  n_heads: 4\n  headdim: 16\n")
+    child = _write(tmp_path / "a" / "child.yaml", "base: parent.yaml\nmodel:\n  n_layers: 3\ntrain:\n  lr: 1e-3\n")
+    cfg = load_config(child)
+    assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.n_layers, cfg.train.lr) == (64, 4, 3, 1e-3)
+    assert cfg.name == "child"  # never its base's name: Ray Train resumes runs by name
+    assert cfg.model.d_state == ModelConfig().d_state  # neither file sets it: the schema default
+    grandchild = _write(tmp_path / "b" / "grandchild.yaml", "base: ../a/child.yaml\nname: gc\nmodel:\n  n_layers: 5\n")
+    cfg = load_config(grandchild, ["model.d_model=128"])
+    assert (cfg.name, cfg.model.d_model, cfg.model.n_layers, cfg.train.lr) == ("gc", 128, 5, 1e-3)
+
+
+def test_base_by_shipped_name_lists_replace_and_empty_sections_inherit(tmp_path):
+    child = _write(tmp_path / "c.yaml", "base: debug\nmodel:\n  attn_layers: [1]\ntrain:\n")
+    cfg = load_config(child)
+    assert cfg.model.attn_layers == [1]
+    assert cfg.model.d_model == 64 and cfg.train == load_config("debug").train
+    again = _write(tmp_path / "d.yaml", "base: c.yaml\nmodel:\n  attn_layers: [0]\n")
+    assert load_config(again).model.attn_layers == [0]  # replaced, not [1, 0]
+
+
+def test_base_errors(tmp_path):
+    loop_a = _write(tmp_path / "a.yaml", "base: b.yaml\n")
+    _write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match=re.escape("config inheritance loops: a.yaml -> b.yaml -> a.yaml")):
+        load_config(loop_a)
+    missing = _write(tmp_path / "m.yaml", "base: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match="m.yaml: base config 'nowhere.yaml' not found"):
+        load_config(missing)
+    bad_key = _write(tmp_path / "k.yaml", "base: paper\nmodel:\n  d_stat: 3\n")
+    with pytest.raises(ConfigError, match=re.escape("unknown key 'model.d_stat'")):
+        load_config(bad_key)
+    bad_base = _write(tmp_path / "n.yaml", "base: [paper]\n")
+    with pytest.raises(ConfigError, match="base expects a config path or name"):
+        load_config(bad_base)
+
+
+def test_interpolation(tmp_path):
+    path = _write(tmp_path / "i.yaml", "base: debug\nmodel:\n  mlp_dim: ${model.d_model}\n")
+    assert load_config(path).model.mlp_dim == 64
