@@ -1,10 +1,13 @@
-"""`simba-ttm info --config FILE [key=value ...] [--json]`: what a configured model costs, without building it."""
+"""`simba-ttm info --config FILE [key=value ...] [--json | --print-config]`: what a configured model costs,
+without building it, or the config it resolves to."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+import yaml
 
 from configs import ConfigError, load_config
 from modeling.summary import TYPICAL_TEXT_LEN, summarize
@@ -20,12 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.arch=transformer")
     parser.add_argument("--text-len", type=int, default=TYPICAL_TEXT_LEN, help="caption length in T5 tokens")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the numbers")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (base, overrides applied) as YAML"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as err:
         print(f"simba-ttm info: {err}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None), end="")
+        return 0
     s = summarize(cfg, text_len=args.text_len)
     t = cfg.train
     hybrid = f" (attention layers {list(cfg.model.attn_layers)})" if cfg.model.attn_layers else ""

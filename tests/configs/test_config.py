@@ -398,3 +398,14 @@ def test_base_errors(tmp_path):
 def test_interpolation(tmp_path):
     path = _write(tmp_path / "i.yaml", "base: debug\nmodel:\n  mlp_dim: ${model.d_model}\n")
     assert load_config(path).model.mlp_dim == 64
+
+
+def test_info_prints_the_resolved_config_and_rejects_bad_keys(capsys):
+    from ray_jobs import info
+
+    assert info.main(["--config", "debug", "--print-config", "train.lr=2e-3"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert ExperimentConfig.from_dict(printed) == load_config("debug", ["train.lr=2e-3"])
+    assert printed["mlflow"] == load_config("paper").to_dict()["mlflow"]  # inherited, written out in full
+    assert info.main(["--config", "small", "model.d_stat=3"]) == 2
+    assert "did you mean 'model.d_state'?" in capsys.readouterr().err
