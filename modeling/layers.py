@@ -79,11 +79,9 @@ class MemoryCache:
     mask: Tensor | None = None  # (B, S) bool
 
 
-def _self_attention_mask(mask: Tensor | None, T: int, device: torch.device) -> Tensor:
-    """Causal mask, combined with key padding. Returns bool (B or 1, 1, T, T), True = attend."""
+def _self_attention_mask(mask: Tensor, T: int, device: torch.device) -> Tensor:
+    """Causal mask, combined with key padding (mask: (B, T) bool). Returns bool (B, 1, T, T), True = attend."""
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    if mask is None:
-        return causal[None, None]
     allowed = causal[None] & mask[:, None, :]  # (B, T, T)
     # A padding query would see no key at all (softmax of all -inf = NaN); let it see itself. Real queries
     # never see padding keys, so this cannot leak into real positions.
@@ -107,10 +105,10 @@ class SelfAttention(nn.Module):
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_heads)
         return q, k, v
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool = False) -> Tensor:
         # Attention dropout is a training-time regulariser only (the paper's code left it on at inference).
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
         return self.out_proj(rearrange(y, "b h t d -> b t (h d)"))
 
     def allocate_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
@@ -132,7 +130,11 @@ class SelfAttention(nn.Module):
             cache.v[:, :, :T] = v
             cache.key_mask[:, :T] = True if mask is None else mask
             cache.length = T
-        return self._attend(q, k, v, _self_attention_mask(mask, T, x.device))
+        if mask is None:
+            # No padding (the Cross Transformer's token stream): `is_causal` without a T x T mask lets SDPA pick
+            # FlashAttention / memory-efficient kernels on a GPU; an explicit mask rules them out.
+            return self._attend(q, k, v, None, is_causal=True)
+        return self._attend(q, k, v, _self_attention_mask(mask, T, x.device))  # a hybrid's left-padded prefix
 
     def mix_step(self, x: Tensor, cache: KVCache) -> Tensor:
         """x: (B, 1, D), the next token; attends to everything in the cache and itself."""
