@@ -91,7 +91,7 @@ class ClipSelector:
     """Actor: HTDemucs vocal removal + silence rule + caption + vocal-cue filter; keeps one clip per track."""
 
     def __init__(self, cfg: dict, device: str = "cpu"):
-        from modeling.separator import load_separator, remove_vocals
+        from modeling.pretrained.separator import load_separator, remove_vocals
         from pipelines.captions import build_captioner
 
         p = ExperimentConfig.from_dict(cfg).preprocess
@@ -142,7 +142,7 @@ class CodecEncoder:
     """Actor: DAC `encode` of the kept clip, all 9 codebooks as int16."""
 
     def __init__(self, cfg: dict, device: str = "cpu"):
-        from modeling.codec import encode_codes, load_codec
+        from modeling.pretrained.codec import encode_codes, load_codec
 
         p = ExperimentConfig.from_dict(cfg).preprocess
         self.model = load_codec(p.codec, device=device, setting="preprocess.codec")
@@ -166,7 +166,7 @@ class CaptionEmbedder:
     """Actor: Flan-T5 encoder embeddings of the captions, fp16, with their lengths."""
 
     def __init__(self, cfg: dict, device: str = "cpu"):
-        from modeling.text_encoder import TextEncoder
+        from modeling.pretrained.text_encoder import TextEncoder
 
         p = ExperimentConfig.from_dict(cfg).preprocess
         self.encoder = TextEncoder(
@@ -248,9 +248,9 @@ class PreprocessSummary:
 
 def _check_pretrained(cfg: ExperimentConfig) -> None:
     """Fail once, before any data is read, when a pretrained part is missing (names the setting)."""
-    from modeling.codec import load_codec
-    from modeling.separator import load_separator
-    from modeling.text_encoder import TextEncoder
+    from modeling.pretrained.codec import load_codec
+    from modeling.pretrained.separator import load_separator
+    from modeling.pretrained.text_encoder import TextEncoder
 
     p = cfg.preprocess
     load_separator(p.separator, setting="preprocess.separator")

@@ -143,8 +143,8 @@ class SampleWriter:
     """Rank 0: generates the fixed prompts, decodes codebook 0 with DAC, logs WAV + spectrogram PNG."""
 
     def __init__(self, cfg: ExperimentConfig, device: torch.device):
-        from modeling.codec import load_codec
-        from modeling.text_encoder import TextEncoder
+        from modeling.pretrained.codec import load_codec
+        from modeling.pretrained.text_encoder import TextEncoder
 
         p = cfg.preprocess
         self.cfg = cfg

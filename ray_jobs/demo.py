@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.time()
 
-    from modeling.tiny import make_tiny_pretrained
+    from modeling.pretrained.tiny import make_tiny_pretrained
     from pipelines.corpus import make_corpus
     from pipelines.preprocess import run_preprocess
     from pipelines.runtime import ensure_ray
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{arch}: final metrics { ({k: round(v, 4) for k, v in out.result.metrics.items()}) }")
 
     _banner("4/4 generate")
-    from modeling.codec import load_codec
-    from modeling.text_encoder import TextEncoder
+    from modeling.pretrained.codec import load_codec
+    from modeling.pretrained.text_encoder import TextEncoder
     from pipelines.checkpoints import load_model
 
     text_encoder = TextEncoder(p.text_encoder, setting="preprocess.text_encoder")

@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from configs import ConfigError
-    from modeling.codec import MissingWeightsError, load_codec
-    from modeling.text_encoder import TextEncoder
+    from modeling.pretrained.codec import load_codec
+    from modeling.pretrained.errors import MissingWeightsError
+    from modeling.pretrained.text_encoder import TextEncoder
     from pipelines.checkpoints import load_model
     from pipelines.generation import INDEX_FILE, generate_audio, sampling_options, write_samples
 

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simba-ttm preprocess: {err}", file=sys.stderr)
         return 2
 
-    from modeling.codec import MissingWeightsError
+    from modeling.pretrained.errors import MissingWeightsError
     from pipelines.preprocess import run_preprocess
     from pipelines.runtime import ensure_ray
 

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simba-ttm train: {err}", file=sys.stderr)
         return 2
 
-    from modeling.codec import MissingWeightsError
+    from modeling.pretrained.errors import MissingWeightsError
     from pipelines.runtime import ensure_ray
     from pipelines.training import run_training
 

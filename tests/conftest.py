@@ -76,7 +76,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def tiny_pretrained(tmp_path_factory) -> dict[str, str]:
     """Tiny random DAC, Flan-T5 and HTDemucs saved in their libraries' own formats."""
-    from modeling.tiny import make_tiny_pretrained
+    from modeling.pretrained.tiny import make_tiny_pretrained
 
     return make_tiny_pretrained(tmp_path_factory.mktemp("pretrained"))
 

@@ -17,8 +17,8 @@ import torch
 from configs import ExperimentConfig, load_config
 from eval.plots import spectrogram_png
 from modeling.builders import build_model
-from modeling.codec import load_codec
-from modeling.text_encoder import TextEncoder
+from modeling.pretrained.codec import load_codec
+from modeling.pretrained.text_encoder import TextEncoder
 from pipelines.checkpoints import MODEL_FILE, find_checkpoint, load_model, save_model
 from pipelines.generation import Sample, generate_audio, slugify, write_samples
 from ray_jobs.generate import main

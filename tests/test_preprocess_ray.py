@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from modeling.codec import MissingWeightsError
+from modeling.pretrained.errors import MissingWeightsError
 from pipelines.preprocess import run_preprocess
 from pipelines.tokens import REJECTS_SCHEMA, TOKENS_SCHEMA, read_parts
 from tests.conftest import preprocess_config

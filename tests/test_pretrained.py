@@ -17,17 +17,17 @@ import numpy as np
 import pytest
 import torch
 
-from modeling.codec import (
-    MissingWeightsError,
+from modeling.pretrained.codec import (
     dac_cache_path,
     decode_codebook0,
     encode_codes,
     load_codec,
     n_frames,
 )
-from modeling.separator import load_separator, remove_vocals
-from modeling.text_encoder import TextEncoder
-from modeling.tiny import make_tiny_pretrained
+from modeling.pretrained.errors import MissingWeightsError
+from modeling.pretrained.separator import load_separator, remove_vocals
+from modeling.pretrained.text_encoder import TextEncoder
+from modeling.pretrained.tiny import make_tiny_pretrained
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning"),  # audiotools' docstrings

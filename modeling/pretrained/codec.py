@@ -19,30 +19,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from modeling.pretrained.errors import missing
+
 if TYPE_CHECKING:
     import dac
-
-
-class MissingWeightsError(FileNotFoundError):
-    """Pretrained weights are not on this machine; the message names the config setting to change."""
 
 
 DAC_IDS = ("44khz", "24khz", "16khz")
 
 
-def missing(what: str, where: str | Path, setting: str, hint: str) -> MissingWeightsError:
-    """The one error every pretrained loader raises when its weights are absent."""
-    if isinstance(where, Path):
-        where = where.expanduser().absolute()
-    return MissingWeightsError(
-        f"{what} not found at {where}; set {setting}=<{hint}> "
-        "(weights are never downloaded: put them there or point the setting at a local copy)"
-    )
-
-
 def dac_cache_path(model_id: str) -> Path:
     """Where `dac.utils.download` caches a model id: "44khz", "44khz_8kbps" or "44khz_8kbps_0.0.1"."""
-    from dac.utils import __MODEL_LATEST_TAGS__
+    from dac.utils import __MODEL_LATEST_TAGS__  # here: dac takes seconds to import (see the module docstring)
 
     model_type, bitrate, tag = [*model_id.lower().split("_", 2), None, None][:3]
     bitrate = bitrate or "8kbps"
@@ -64,7 +52,7 @@ def load_codec(path_or_id: str | Path = "44khz", device: str | torch.device = "c
         device: where to put the model.
         setting: the config key that names this model, quoted in the error when the weights are missing.
     """
-    import dac
+    import dac  # here: dac takes seconds to import (see the module docstring)
 
     spec = str(path_or_id)
     path = Path(spec).expanduser()

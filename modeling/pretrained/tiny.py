@@ -5,6 +5,8 @@ each is written exactly as its library writes a real checkpoint, so it goes thro
 production (`load_codec`, `TextEncoder`, `load_separator`). They keep the interfaces that matter
 downstream: DAC's 9 codebooks x 1024 at hop 512 and 44.1 kHz, HTDemucs' four sources, a T5 encoder with
 an EOS-appending tokenizer. Their outputs are random-weight noise, not music.
+Each maker imports its own library (dac, transformers, demucs) inside: each takes seconds to import, and a
+caller that makes one model (or none, like test collection) should not pay for all three.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def make_tiny_codec(path: str | Path, seed: int = SEED) -> Path:
     encoder_dim 8 / decoder_dim 32 (0.49M parameters) encodes 30 s in ~5 s on 2 cores, about twice as fast
     as 16 / 64; the codes' shape depends only on the strides and the quantizer.
     """
-    import dac
+    import dac  # here: see the module docstring
 
     def write(target: Path) -> None:
         with torch.random.fork_rng():
@@ -75,7 +77,7 @@ def make_tiny_codec(path: str | Path, seed: int = SEED) -> Path:
 
 def tiny_tokenizer():
     """A word-level T5-style tokenizer over WORDS: lowercases, appends </s>, pads with <pad> (id 0) on the right."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors  # here: see the module docstring
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
@@ -98,7 +100,7 @@ def tiny_tokenizer():
 
 def make_tiny_text_encoder(dir: str | Path, dim: int = 32, seed: int = SEED) -> Path:
     """A random 2-layer T5 encoder of width `dim` and its tokenizer, both written by `save_pretrained`."""
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel  # here: see the module docstring
 
     def write(target: Path) -> None:
         tokenizer = tiny_tokenizer()
@@ -128,7 +130,7 @@ def make_tiny_separator(path: str | Path, seed: int = SEED) -> Path:
     depth 4 (the default) with 8 channels and one transformer layer (0.36M parameters) separates 30 s in
     seconds; a shallower net is slower, as the cross-domain transformer then attends over far more positions.
     """
-    from demucs.htdemucs import HTDemucs
+    from demucs.htdemucs import HTDemucs  # here: see the module docstring
     from demucs.states import get_state
 
     def write(target: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modeling.codec import MissingWeightsError, missing
+from modeling.pretrained.errors import MissingWeightsError, missing
 
 
 def _is_local(spec: str) -> bool:
@@ -39,6 +39,8 @@ class TextEncoder:
         max_length: int = 128,
         setting: str = "data.text_encoder",
     ):
+        # here: transformers takes seconds to import; code that only passes a TextEncoder around does not need it
+        from huggingface_hub import constants, try_to_load_from_cache
         from transformers import AutoTokenizer, T5EncoderModel
 
         spec = str(path_or_id)
@@ -48,8 +50,6 @@ class TextEncoder:
                 raise missing("Flan-T5 weights", path, setting, "a directory written by save_pretrained")
             spec = str(path)
         else:
-            from huggingface_hub import constants, try_to_load_from_cache
-
             if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
                 raise missing(
                     f"Flan-T5 {spec!r} (Hugging Face cache)",

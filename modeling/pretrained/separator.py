@@ -7,6 +7,8 @@ Loading uses demucs' own loaders and never downloads:
 - a model name ("htdemucs", or "hf://[namespace/]name") -> the files `demucs.pretrained.get_model` would fetch,
   taken only from the local Hugging Face cache (demucs >= 4.1) or the torch hub cache (`<hub dir>/checkpoints`).
 Anything else raises `MissingWeightsError` naming the config setting to change.
+demucs (and huggingface_hub) are imported inside the functions that use them: they take seconds to import, and
+the modules that reference this one (the preprocessing graph, the tests) need them only when a model loads.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
+import yaml
 
-from modeling.codec import missing
+from modeling.pretrained.errors import missing
 
 if TYPE_CHECKING:
     from demucs.apply import BagOfModels
@@ -30,8 +33,7 @@ HINT = "a .th saved by demucs, a .yaml bag of models next to its .th files, or a
 
 def _from_hf_cache(name: str):
     """The bag `demucs.hf.get_hf_model(name)` returns, if all its files are in the local Hugging Face cache."""
-    import yaml
-    from demucs.apply import BagOfModels
+    from demucs.apply import BagOfModels  # here: see the module docstring
     from demucs.hf import DEFAULT_NAMESPACE, hf_repo_name, load_safetensors_model
     from huggingface_hub import try_to_load_from_cache
 
@@ -49,8 +51,7 @@ def _from_hf_cache(name: str):
 
 def _from_torch_hub_cache(name: str):
     """The model `demucs.pretrained.get_model(name)` builds from the legacy remote repo, if its files are cached."""
-    import yaml
-    from demucs.pretrained import REMOTE_ROOT, _parse_remote_files
+    from demucs.pretrained import REMOTE_ROOT, _parse_remote_files  # here: see the module docstring
     from demucs.repo import AnyModelRepo, BagOnlyRepo, RemoteRepo
 
     urls = _parse_remote_files(REMOTE_ROOT / "files.txt")  # signature -> url
@@ -70,7 +71,7 @@ def _from_torch_hub_cache(name: str):
 
 
 def _from_dir(root: Path, name: str | None, setting: str):
-    from demucs.pretrained import get_model
+    from demucs.pretrained import get_model  # here: see the module docstring
 
     bags, sigs = sorted(root.glob("*.yaml")), sorted(root.glob("*.th"))
     if name is None:
@@ -91,7 +92,7 @@ def load_separator(
         device: where the model runs.
         setting: the config key that names this model, quoted in the error when the weights are missing.
     """
-    from demucs.hf import load_safetensors_model
+    from demucs.hf import load_safetensors_model  # here: see the module docstring
     from demucs.states import load_model
 
     spec = str(path_or_name)
@@ -111,7 +112,7 @@ def load_separator(
     else:
         model = _from_hf_cache(spec) or _from_torch_hub_cache(spec)
     if model is None:
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # here: see the module docstring
 
         where = f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
         if not spec.startswith("hf://"):
@@ -142,7 +143,7 @@ def remove_vocals(
     Returns:
         float32 (T,) mono accompaniment (mean of the output channels).
     """
-    from demucs.apply import apply_model
+    from demucs.apply import apply_model  # here: see the module docstring
 
     if sample_rate != model.samplerate:
         raise ValueError(
