@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipelines.tokens import PART_GLOB
+from pipelines.preprocess.tokens import PART_GLOB
 
 COLUMNS = ["codes", "n_frames", "text_emb", "text_len", "split"]
 

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
 
     from modeling.pretrained.tiny import make_tiny_pretrained
-    from pipelines.corpus import make_corpus
-    from pipelines.preprocess import run_preprocess
+    from pipelines.preprocess.corpus.writer import make_corpus
+    from pipelines.preprocess.graph import run_preprocess
     from pipelines.runtime import ensure_ray
     from pipelines.training import run_training
 

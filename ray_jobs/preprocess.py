@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from modeling.pretrained.errors import MissingWeightsError
-    from pipelines.preprocess import run_preprocess
+    from pipelines.preprocess.graph import run_preprocess
     from pipelines.runtime import ensure_ray
 
     ensure_ray(args.address)

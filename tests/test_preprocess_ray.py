@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from modeling.pretrained.errors import MissingWeightsError
-from pipelines.preprocess import run_preprocess
-from pipelines.tokens import REJECTS_SCHEMA, TOKENS_SCHEMA, read_parts
+from pipelines.preprocess.graph import run_preprocess
+from pipelines.preprocess.tokens import REJECTS_SCHEMA, TOKENS_SCHEMA, read_parts
 from tests.conftest import preprocess_config
 
 # What the pipeline must do with each kind of track make_corpus writes: (table, stage).

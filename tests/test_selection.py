@@ -7,10 +7,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipelines.captions import FileCaptioner, TagCaptioner
-from pipelines.jamendo import Track
-from pipelines.selection import select_clip
-from pipelines.tokens import (
+from pipelines.preprocess.captions import FileCaptioner, TagCaptioner
+from pipelines.preprocess.jamendo import Track
+from pipelines.preprocess.selection import select_clip
+from pipelines.preprocess.tokens import (
     TOKENS_SCHEMA,
     finished_track_ids,
     read_parts,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipelines.audio import (
+from pipelines.preprocess.audio import (
     AudioError,
     clip_order,
     decode_track,
@@ -19,14 +19,14 @@ from pipelines.audio import (
     resample,
     split_clips,
 )
-from pipelines.captions import (
+from pipelines.preprocess.captions import (
     FileCaptioner,
     ModelCaptioner,
     TagCaptioner,
     build_captioner,
     caption_or_reject,
 )
-from pipelines.filters import (
+from pipelines.preprocess.filters import (
     DEFAULT_VOCAL_WORDS,
     is_too_silent,
     mentions_vocals,
@@ -34,7 +34,7 @@ from pipelines.filters import (
     silent_seconds,
     vocal_reject,
 )
-from pipelines.jamendo import (
+from pipelines.preprocess.jamendo import (
     Reject,
     Track,
     audio_path,
@@ -243,7 +243,7 @@ def test_clip_order_is_seeded_permutation():
 
 def test_clip_order_stable_across_processes():
     # hash() is salted per process; the order must not be.
-    code = "from pipelines.audio import clip_order; print(clip_order('track_0000214', 8, seed=3))"
+    code = "from pipelines.preprocess.audio import clip_order; print(clip_order('track_0000214', 8, seed=3))"
     root = Path(__file__).resolve().parents[1]
     outs = {
         subprocess.run(

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.audio import clip_order
-from pipelines.captions import Captioner, FileCaptioner, TagCaptioner, caption_or_reject
-from pipelines.filters import DEFAULT_VOCAL_WORDS, mentions_vocals, silence_reject, vocal_reject
-from pipelines.jamendo import Reject, Track
+from pipelines.preprocess.audio import clip_order
+from pipelines.preprocess.captions import Captioner, FileCaptioner, TagCaptioner, caption_or_reject
+from pipelines.preprocess.filters import DEFAULT_VOCAL_WORDS, mentions_vocals, silence_reject, vocal_reject
+from pipelines.preprocess.jamendo import Reject, Track
 
 # Captioners whose caption depends on the track only: their verdict is known before any separation.
 TRACK_LEVEL_CAPTIONERS = (TagCaptioner, FileCaptioner)

@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from pipelines.jamendo import Reject
+from pipelines.preprocess.jamendo import Reject
 
 MAX_SILENCE_SECONDS = 15.0
 SILENCE_THRESHOLD_DB = -60.0

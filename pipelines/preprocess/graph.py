@@ -3,7 +3,7 @@
     metadata TSV (driver) -> decode + resample + 30 s clips (CPU tasks)
       -> clip selection: HTDemucs vocal removal, silence rule, caption, vocal-cue filter (actor pool)
       -> DAC encode of the kept clip (actor pool) -> Flan-T5 caption embedding (actor pool)
-      -> Parquet parts: tokens/ and rejects/ (see pipelines/tokens.py for the schema)
+      -> Parquet parts: tokens/ and rejects/ (see pipelines/preprocess/tokens.py for the schema)
 
 Every row carries a status; rejections travel with the data instead of raising, so one bad file never
 stops the job and nothing is dropped silently. Tracks that already have an outcome on disk are skipped,
@@ -19,14 +19,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import ray
 
 from configs.schema import ConfigError, ExperimentConfig
-from pipelines.audio import decode_track
-from pipelines.filters import DEFAULT_VOCAL_WORDS
-from pipelines.jamendo import Reject, Track, audio_path, read_excluded_ids, read_metadata
-from pipelines.runtime import absolute_paths, ensure_ray
-from pipelines.selection import select_clip
-from pipelines.tokens import (
+from modeling.pretrained.codec import encode_codes, load_codec
+from modeling.pretrained.separator import load_separator, remove_vocals
+from modeling.pretrained.text_encoder import TextEncoder
+from pipelines.preprocess.audio import decode_track
+from pipelines.preprocess.captions import build_captioner
+from pipelines.preprocess.filters import DEFAULT_VOCAL_WORDS
+from pipelines.preprocess.jamendo import Reject, Track, audio_path, read_excluded_ids, read_metadata
+from pipelines.preprocess.selection import select_clip
+from pipelines.preprocess.tokens import (
     REJECTS_SCHEMA,
     TOKENS_SCHEMA,
     finished_track_ids,
@@ -36,6 +40,7 @@ from pipelines.tokens import (
     tokens_table,
     write_part,
 )
+from pipelines.runtime import absolute_paths, ensure_ray
 
 OK = "ok"
 REJECTED = "rejected"
@@ -91,14 +96,10 @@ class ClipSelector:
     """Actor: HTDemucs vocal removal + silence rule + caption + vocal-cue filter; keeps one clip per track."""
 
     def __init__(self, cfg: dict, device: str = "cpu"):
-        from modeling.pretrained.separator import load_separator, remove_vocals
-        from pipelines.captions import build_captioner
-
         p = ExperimentConfig.from_dict(cfg).preprocess
         self.p = p
         self.device = device
         self.model = load_separator(p.separator, device=device, setting="preprocess.separator")
-        self._remove = remove_vocals
         kind = p.captions
         kwargs = {"file": {"path": p.caption_file}, "model": {"path_or_id": p.caption_model}}.get(kind, {})
         if kind == "model":
@@ -108,7 +109,7 @@ class ClipSelector:
 
     def separate(self, audio: np.ndarray) -> np.ndarray:
         # shifts=0: no random time shift, so a rerun separates (and so selects) exactly the same way.
-        return self._remove(self.model, audio, device=self.device, shifts=0, sample_rate=self.p.sample_rate)
+        return remove_vocals(self.model, audio, device=self.device, shifts=0, sample_rate=self.p.sample_rate)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = []
@@ -142,11 +143,8 @@ class CodecEncoder:
     """Actor: DAC `encode` of the kept clip, all 9 codebooks as int16."""
 
     def __init__(self, cfg: dict, device: str = "cpu"):
-        from modeling.pretrained.codec import encode_codes, load_codec
-
         p = ExperimentConfig.from_dict(cfg).preprocess
         self.model = load_codec(p.codec, device=device, setting="preprocess.codec")
-        self._encode = encode_codes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = _rows(batch)
@@ -155,7 +153,7 @@ class CodecEncoder:
             if row["status"] != OK:
                 continue
             try:
-                row["codes"] = self._encode(self.model, row["audio"])  # (9, F)
+                row["codes"] = encode_codes(self.model, row["audio"])  # (9, F)
             except Exception as e:  # recorded, never raised
                 _reject_row(row, Reject(str(row["track_id"]), "codec", f"DAC encode failed: {e!r}"))
             row["audio"] = np.zeros(0, np.float32)  # the waveform is not needed downstream
@@ -166,8 +164,6 @@ class CaptionEmbedder:
     """Actor: Flan-T5 encoder embeddings of the captions, fp16, with their lengths."""
 
     def __init__(self, cfg: dict, device: str = "cpu"):
-        from modeling.pretrained.text_encoder import TextEncoder
-
         p = ExperimentConfig.from_dict(cfg).preprocess
         self.encoder = TextEncoder(
             p.text_encoder, device=device, max_length=p.text_max_length, setting="preprocess.text_encoder"
@@ -248,10 +244,6 @@ class PreprocessSummary:
 
 def _check_pretrained(cfg: ExperimentConfig) -> None:
     """Fail once, before any data is read, when a pretrained part is missing (names the setting)."""
-    from modeling.pretrained.codec import load_codec
-    from modeling.pretrained.separator import load_separator
-    from modeling.pretrained.text_encoder import TextEncoder
-
     p = cfg.preprocess
     load_separator(p.separator, setting="preprocess.separator")
     load_codec(p.codec, setting="preprocess.codec")
@@ -260,8 +252,6 @@ def _check_pretrained(cfg: ExperimentConfig) -> None:
 
 def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> PreprocessSummary:
     """Run the whole pipeline on the current Ray cluster (starting a local one when none is connected)."""
-    import ray
-
     t0 = time.time()
     cfg = absolute_paths(cfg)
     p = cfg.preprocess

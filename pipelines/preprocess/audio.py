@@ -13,7 +13,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from pipelines.jamendo import Reject
+from pipelines.preprocess.jamendo import Reject
 
 SAMPLE_RATE = 44100  # DAC 44.1 kHz
 CLIP_SECONDS = 30.0

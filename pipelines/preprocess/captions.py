@@ -18,8 +18,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from pipelines.filters import mentions_vocals
-from pipelines.jamendo import Reject, Track, normalize_track_id, tags_by_category
+from pipelines.preprocess.filters import mentions_vocals
+from pipelines.preprocess.jamendo import Reject, Track, normalize_track_id, tags_by_category
 
 
 class Captioner(Protocol):
@@ -206,7 +206,7 @@ def _resolve_local_model(path_or_id: str, setting: str) -> Path:
     if path.is_dir():
         return path
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # here: slow to import, and only the model captioner needs it
 
         return Path(snapshot_download(path_or_id, local_files_only=True))
     except Exception as e:  # not cached, or not even a valid hub id (e.g. a mistyped local path)
