@@ -48,15 +48,13 @@ import soxr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.preprocess.audio import SAMPLE_RATE, decode_track  # noqa: E402
-from pipelines.preprocess.corpus.writer import make_corpus  # noqa: E402
+from pipelines.preprocess.corpus.writer import CorpusManifest, make_corpus  # noqa: E402
 
 TARGET = 1.7
 
 
 def build_files(root: Path, n_tracks: int, n_wav48: int) -> list[Path]:
     """The MP3 corpus under root (reused when its manifest is there) plus 48 kHz WAV copies of some tracks."""
-    from pipelines.preprocess.corpus.writer import CorpusManifest
-
     manifest_path = root / "corpus.json"
     if manifest_path.is_file() and len(CorpusManifest.load(root).tracks) == n_tracks:
         manifest = CorpusManifest.load(root)
@@ -134,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()[0]
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a private local runtime, no token needed
-    import ray
+    import ray  # here: only this stage of the benchmark needs Ray, and after RAY_AUTH_MODE is set
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:

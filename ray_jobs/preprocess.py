@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from configs import ConfigError, load_config
+from modeling.pretrained.errors import MissingWeightsError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simba-ttm preprocess: {err}", file=sys.stderr)
         return 2
 
-    from modeling.pretrained.errors import MissingWeightsError
+    # Imported here, after the arguments and config are read: --help and a bad flag or config answer at once,
+    # without the seconds that importing torch and Ray takes.
     from pipelines.preprocess.graph import run_preprocess
     from pipelines.runtime import ensure_ray
 

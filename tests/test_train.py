@@ -17,8 +17,9 @@ import torch
 
 from configs import ExperimentConfig
 from modeling.builders import build_model
-from pipelines.dataset import collate, read_split
-from pipelines.training import lr_factor, make_optimizer, run_training
+from pipelines.train.dataset import collate, read_split
+from pipelines.train.driver import run_training
+from pipelines.train.optim import lr_factor, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,7 @@
-"""The model file format: one `model.pt` per checkpoint, shared by training, generation and evaluation.
+"""Checkpoint files: `model.pt` (shared by training, generation and evaluation) and the training state.
+
+A training checkpoint is a directory with `model.pt` and `state.pt` (optimizer, scheduler, `TrainState`, RNG);
+Ray Train restarts a crashed run from the latest one (`save_checkpoint` / `load_checkpoint`).
 
 `model.pt` is a plain `torch.save` of {"format", "model" (state dict on CPU), "config" (ExperimentConfig as
 nested dicts), "step"}: only tensors and YAML-safe values, so it always loads with `weights_only=True` and a
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +28,7 @@ from modeling.builders import build_model
 from modeling.lm import TextToMusicLM
 
 MODEL_FILE = "model.pt"
+STATE_FILE = "state.pt"
 FORMAT = 1
 
 
@@ -116,3 +121,46 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Te
     model = build_model(cfg.model)
     model.load_state_dict(data["model"], strict=True)
     return model.to(device).eval(), cfg, int(data["step"])
+
+
+# --- training state ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides the weights."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def save_checkpoint(
+    directory: Path, model: TextToMusicLM, cfg: ExperimentConfig, opt, sched, state: TrainState
+) -> None:
+    save_model(directory, model, cfg, state.step)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(
+        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": state.to_dict(), "rng": rng},
+        directory / STATE_FILE,
+    )
+
+
+def load_checkpoint(directory: Path, model: TextToMusicLM, opt, sched) -> TrainState:
+    """Restore weights, optimizer, schedule and RNG (weights_only: a checkpoint never runs code)."""
+    weights = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(weights["model"])
+    saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    return TrainState(**saved["state"])

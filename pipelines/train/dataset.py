@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
 import torch
 
 from pipelines.preprocess.tokens import PART_GLOB
@@ -66,8 +68,6 @@ def collate(batch: dict[str, np.ndarray], device: torch.device | str = "cpu") ->
 
 def read_split(tokens_dir: str | Path, split: str, *, codebook: int, max_frames: int, pad_id: int):
     """A Ray Dataset of training rows of one split ("train" or "val")."""
-    import ray
-
     ds = ray.data.read_parquet(token_files(tokens_dir)).select_columns(COLUMNS)
     return ds.map_batches(
         to_training_rows,
@@ -78,8 +78,6 @@ def read_split(tokens_dir: str | Path, split: str, *, codebook: int, max_frames:
 
 def count_split(tokens_dir: str | Path, split: str) -> int:
     """Rows of a split, read from the Parquet footers' column (cheap: one string column)."""
-    import pyarrow.parquet as pq
-
     return sum(
         pc.sum(pc.equal(pq.read_table(f, columns=["split"]).column("split"), split)).as_py() or 0
         for f in token_files(tokens_dir)

@@ -11,6 +11,12 @@ import platform
 import time
 from pathlib import Path
 
+import mlflow
+import ray
+import torch
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
 from configs.schema import ExperimentConfig
 
 NAME_TAG = "simba_ttm.name"
@@ -26,17 +32,11 @@ def resolve_tracking_uri(cfg: ExperimentConfig) -> str:
     return uri
 
 
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
+def _client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
 def environment_params() -> dict[str, str]:
-    import mlflow
-    import ray
-    import torch
-
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86'})"
     return {
         "env.python": platform.python_version(),
@@ -78,8 +78,6 @@ def start_or_resume_run(cfg: ExperimentConfig, storage: str, uri: str, config_ya
         return run_id
     run = client.create_run(exp_id, run_name=cfg.name, tags={NAME_TAG: cfg.name, STORAGE_TAG: storage})
     run_id = run.info.run_id
-    from mlflow.entities import Param
-
     params = {k: str(v)[:6000] for k, v in cfg.flatten().items()} | environment_params()
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):
@@ -97,8 +95,6 @@ class RunLogger:
         self.client = _client(uri)
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
 
