@@ -244,7 +244,7 @@ def test_clip_order_is_seeded_permutation():
 def test_clip_order_stable_across_processes():
     # hash() is salted per process; the order must not be.
     code = "from pipelines.preprocess.audio import clip_order; print(clip_order('track_0000214', 8, seed=3))"
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     outs = {
         subprocess.run(
             [sys.executable, "-c", code],

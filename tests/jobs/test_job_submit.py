@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(os.sys.executable).parent
 EXCLUDES = [".venv", ".git", "data", "runs", "outputs", "mlflow.db", "mlartifacts", "**/__pycache__", ".pytest_cache",
             ".ruff_cache", ".whl", ".gl"]  # fmt: skip

@@ -21,7 +21,7 @@ from pipelines.train.dataset import collate, read_split
 from pipelines.train.driver import run_training
 from pipelines.train.optim import lr_factor, make_optimizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _train_cfg(preprocessed, tmp_path: Path, *overrides: str) -> ExperimentConfig:
