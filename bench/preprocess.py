@@ -1,13 +1,13 @@
 """Scaling of preprocessing's CPU stage: decode + downmix + resample + split into clips, 1 vs 2 Ray workers.
 
-What is measured: `pipelines.audio.decode_track` (the whole decode stage of `pipelines/preprocess.py`:
+What is measured: `pipelines.preprocess.audio.decode_track` (the whole decode stage of `pipelines/preprocess/graph.py`:
 libsndfile decode -> mono -> soxr HQ resample to 44.1 kHz -> 30 s clips) over the same set of files, run
 as Ray tasks with at most k in flight, for k = 1 and k = 2. Throughput is seconds of source audio
 decoded per second of wall time, from the first submission to the last completed task. The ratio
 throughput(k=2) / throughput(k=1) is the stage's scaling (target >= 1.7 on a 2-core machine).
 
 How:
-- The corpus is `pipelines.corpus.make_corpus(dir, N, seed=0)` (mono 44.1 kHz MP3, 60-100 s tracks),
+- The corpus is `pipelines.preprocess.corpus.writer.make_corpus(dir, N, seed=0)` (mono 44.1 kHz MP3, 60-100 s tracks),
   plus 16-bit 48 kHz WAV copies of some tracks, so that the resampler does real work too.
 - One local Ray runtime, `ray.init(num_cpus=2)`, for the whole run. Each task asks for 1 CPU, and the
   driver keeps at most k tasks in flight (submitting the next file when one finishes), so k is exactly
@@ -47,16 +47,14 @@ import soxr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.audio import SAMPLE_RATE, decode_track  # noqa: E402
-from pipelines.corpus import make_corpus  # noqa: E402
+from pipelines.preprocess.audio import SAMPLE_RATE, decode_track  # noqa: E402
+from pipelines.preprocess.corpus.writer import CorpusManifest, make_corpus  # noqa: E402
 
 TARGET = 1.7
 
 
 def build_files(root: Path, n_tracks: int, n_wav48: int) -> list[Path]:
     """The MP3 corpus under root (reused when its manifest is there) plus 48 kHz WAV copies of some tracks."""
-    from pipelines.corpus import CorpusManifest
-
     manifest_path = root / "corpus.json"
     if manifest_path.is_file() and len(CorpusManifest.load(root).tracks) == n_tracks:
         manifest = CorpusManifest.load(root)
@@ -134,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()[0]
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a private local runtime, no token needed
-    import ray
+    import ray  # here: only this stage of the benchmark needs Ray, and after RAY_AUTH_MODE is set
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:

@@ -14,6 +14,10 @@ to its defaults:
 The result matches the eager step to fp32 rounding (tested), and `bench/generate.py` measures both.
 Only decoders whose step has fixed shapes are compiled: attention layers grow their KV cache every token,
 which would recompile every step, so models with attention fall back to the eager step (with a warning).
+
+`modeling.lm` calls into this module (`generate(compile=True)`), so this module takes the model as a plain
+`nn.Module` (a `TextToMusicLM`: `step(tokens, state)` and `head`) and imports only `modeling.layers`: the
+dependency points one way, lm -> compiled -> layers.
 """
 
 from __future__ import annotations
@@ -25,10 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from modeling.layers import SelfAttention
-from modeling.lm import DecodeState, TextToMusicLM
+from modeling.layers import DecodeState, SelfAttention
 
 # Products with this many rows or fewer (batch x 2 for CFG) are written as reductions on the CPU.
 SMALL_ROWS = 8
@@ -59,7 +62,8 @@ def _addmm(bias: Tensor, a: Tensor, b: Tensor, *, beta=1, alpha=1):
 
 
 def _decode_backend(gm: torch.fx.GraphModule, example_inputs):
-    # torch._inductor internals: the public torch.compile takes no decomposition table.
+    # torch._inductor internals: the public torch.compile takes no decomposition table. Imported here: inductor
+    # costs seconds to import, and only compilation needs it (not eager generation, which imports this module).
     import torch._functorch.config as functorch_config
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
@@ -78,7 +82,7 @@ def _decode_backend(gm: torch.fx.GraphModule, example_inputs):
         )
 
 
-def supports_compiled_step(model: TextToMusicLM) -> bool:
+def supports_compiled_step(model: nn.Module) -> bool:
     """True when every layer's decoding state has a fixed shape (no attention layer with a growing cache)."""
     return not any(isinstance(module, SelfAttention) for module in model.modules())
 
@@ -87,7 +91,7 @@ def supports_compiled_step(model: TextToMusicLM) -> bool:
 def cpu_compile_problem() -> str | None:
     """Why TorchInductor cannot build CPU kernels on this machine (no C++ compiler, no Python headers), or None."""
     try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.cpp_builder import get_cpp_compiler  # here: inductor is slow to import (see above)
 
         get_cpp_compiler()
     except Exception as err:  # torch raises its own InvalidCxxCompiler
@@ -98,7 +102,7 @@ def cpu_compile_problem() -> str | None:
     return None
 
 
-def compiled_step(model: TextToMusicLM) -> StepFn:
+def compiled_step(model: nn.Module) -> StepFn:
     """`model.step` compiled (the first call per model and batch size compiles: ~30 s on 2 cores, less cached).
 
     Returns the eager `model.step` (and warns) for models with attention layers, and on a CPU that cannot

@@ -185,6 +185,14 @@ class LayerCache:
 
 
 @dataclass
+class DecodeState:
+    """Everything a decoder carries between generation steps."""
+
+    layers: list[LayerCache]
+    next_pos: Tensor  # (B,) position of the next token in the model's positional encoding
+
+
+@dataclass
 class Context:
     """What every layer of one forward pass needs besides the hidden states."""
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modeling.layers import LayerCache, RMSNorm
+from modeling.compiled import compiled_step
+from modeling.layers import DecodeState, RMSNorm
 from modeling.sampling import cfg_combine, sample_next
 
 
@@ -24,14 +25,6 @@ from modeling.sampling import cfg_combine, sample_next
 class LMOutput:
     logits: Tensor  # (B, T, V)
     loss: Tensor | None = None
-
-
-@dataclass
-class DecodeState:
-    """Everything a decoder carries between generation steps."""
-
-    layers: list[LayerCache]
-    next_pos: Tensor  # (B,) position of the next token in the model's positional encoding
 
 
 def null_condition(batch_size: int, text_dim: int, length: int = 1, device=None, dtype=None):
@@ -204,8 +197,6 @@ class TextToMusicLM(nn.Module):
             if use_cache:
                 step = self.step
                 if compile:
-                    from modeling.compiled import compiled_step  # here: modeling.compiled imports this module
-
                     step = compiled_step(self)
                 logits, state = self.prefill(seq, text, text_mask, max_len=n_frames + 1)
                 for i in range(n_frames):

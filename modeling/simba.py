@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from modeling.layers import MLP, Block, Context, SelfAttention, sinusoidal_embedding
-from modeling.lm import DecodeState, TextToMusicLM, shift_left
+from modeling.layers import MLP, Block, Context, DecodeState, SelfAttention, sinusoidal_embedding
+from modeling.lm import TextToMusicLM, shift_left
 from modeling.mamba2 import Mamba2
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from modeling.layers import MLP, Block, Context, CrossAttention, SelfAttention, sinusoidal_embedding
-from modeling.lm import DecodeState, TextToMusicLM
+from modeling.layers import MLP, Block, Context, CrossAttention, DecodeState, SelfAttention, sinusoidal_embedding
+from modeling.lm import TextToMusicLM
 
 
 class CrossTransformer(TextToMusicLM):

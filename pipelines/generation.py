@@ -20,9 +20,9 @@ import torch
 
 from configs.schema import GenerationConfig
 from eval.plots import spectrogram_png
-from modeling.codec import decode_codebook0
 from modeling.lm import TextToMusicLM
-from modeling.text_encoder import TextEncoder
+from modeling.pretrained.codec import decode_codebook0
+from modeling.pretrained.text_encoder import TextEncoder
 
 INDEX_FILE = "prompts.json"
 # Hidden sizes of the Flan-T5 encoders, to name the mismatch in errors.
@@ -71,7 +71,7 @@ def generate_audio(
         model: a decoder on `device` (its train/eval mode is restored afterwards).
         captions: the prompts.
         text_encoder: the frozen encoder the model was trained with (checked by width).
-        codec: a DAC model (`modeling.codec.load_codec`); audio comes back at `codec.sample_rate`.
+        codec: a DAC model (`modeling.pretrained.codec.load_codec`); audio comes back at `codec.sample_rate`.
         n_frames: codec frames per clip (~86 per second).
         top_k, top_p, temperature, cfg_scale: sampling, as in `TextToMusicLM.generate`.
         batch_size: captions per `generate` call.

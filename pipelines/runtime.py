@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import ray
+
 from configs.schema import ExperimentConfig
 
 
@@ -15,8 +17,6 @@ def ensure_ray(address: str | None = None) -> None:
     Never `ray.init()` without an address: that attaches to whatever cluster `ray start` last recorded on the
     machine, and when that one is gone it waits minutes for it before failing.
     """
-    import ray
-
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

@@ -33,11 +33,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.time()
 
-    from modeling.tiny import make_tiny_pretrained
-    from pipelines.corpus import make_corpus
-    from pipelines.preprocess import run_preprocess
+    # Imported here, after the arguments and config are read: --help and a bad flag or config answer at once,
+    # without the seconds that importing torch, Ray and MLflow takes.
+    from modeling.pretrained.codec import load_codec
+    from modeling.pretrained.text_encoder import TextEncoder
+    from modeling.pretrained.tiny import make_tiny_pretrained
+    from pipelines.generation import generate_audio, sampling_options, write_samples
+    from pipelines.preprocess.corpus.writer import make_corpus
+    from pipelines.preprocess.graph import run_preprocess
     from pipelines.runtime import ensure_ray
-    from pipelines.training import run_training
+    from pipelines.train.checkpoints import load_model
+    from pipelines.train.driver import run_training
 
     p = cfg.preprocess
     corpus_root = Path(p.metadata_tsv).parent
@@ -59,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_preprocess(cfg)
     print(summary.table())
 
-    from pipelines.generation import generate_audio, sampling_options, write_samples
-
     results = {}
     for arch in ("simba", "transformer"):
         _banner(f"3/4 train {arch} at debug scale (Ray Train + MLflow)")
@@ -70,10 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{arch}: final metrics { ({k: round(v, 4) for k, v in out.result.metrics.items()}) }")
 
     _banner("4/4 generate")
-    from modeling.codec import load_codec
-    from modeling.text_encoder import TextEncoder
-    from pipelines.checkpoints import load_model
-
     text_encoder = TextEncoder(p.text_encoder, setting="preprocess.text_encoder")
     codec = load_codec(p.codec, setting="preprocess.codec")
     prompts = list(cfg.generation.prompts)[:2]

@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from configs import ConfigError
+from modeling.pretrained.errors import MissingWeightsError
+
 PROG = "simba-ttm generate"
 
 
@@ -53,13 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     args = parser.parse_args(argv)
 
+    # Imported here, after the arguments and config are read: --help and a bad flag or config answer at once,
+    # without the seconds that importing torch, dac and transformers takes.
     import torch
 
-    from configs import ConfigError
-    from modeling.codec import MissingWeightsError, load_codec
-    from modeling.text_encoder import TextEncoder
-    from pipelines.checkpoints import load_model
+    from modeling.pretrained.codec import load_codec
+    from modeling.pretrained.text_encoder import TextEncoder
     from pipelines.generation import INDEX_FILE, generate_audio, sampling_options, write_samples
+    from pipelines.train.checkpoints import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():

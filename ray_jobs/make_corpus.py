@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from pipelines.corpus import make_corpus
+from pipelines.preprocess.corpus.writer import make_corpus
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from configs import ConfigError, load_config
+from modeling.pretrained.errors import MissingWeightsError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simba-ttm preprocess: {err}", file=sys.stderr)
         return 2
 
-    from modeling.codec import MissingWeightsError
-    from pipelines.preprocess import run_preprocess
+    # Imported here, after the arguments and config are read: --help and a bad flag or config answer at once,
+    # without the seconds that importing torch and Ray takes.
+    from pipelines.preprocess.graph import run_preprocess
     from pipelines.runtime import ensure_ray
 
     ensure_ray(args.address)

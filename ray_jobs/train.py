@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from configs import ConfigError, load_config
+from modeling.pretrained.errors import MissingWeightsError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,17 +22,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from pipelines.training import check_before_ray
-
-        check_before_ray(cfg)  # data present and large enough, before Ray starts
     except (ConfigError, FileNotFoundError) as err:
         print(f"simba-ttm train: {err}", file=sys.stderr)
         return 2
 
-    from modeling.codec import MissingWeightsError
+    # Imported here, after the arguments and config are read: --help and a bad flag or config answer at once,
+    # without the seconds that importing torch, Ray and MLflow takes.
     from pipelines.runtime import ensure_ray
-    from pipelines.training import run_training
+    from pipelines.train.driver import check_before_ray, run_training
 
+    try:
+        check_before_ray(cfg)  # data present and large enough, before Ray starts
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"simba-ttm train: {err}", file=sys.stderr)
+        return 2
     ensure_ray(args.address)
     try:
         out = run_training(cfg, local_mode=args.local_mode)

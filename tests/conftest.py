@@ -76,7 +76,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def tiny_pretrained(tmp_path_factory) -> dict[str, str]:
     """Tiny random DAC, Flan-T5 and HTDemucs saved in their libraries' own formats."""
-    from modeling.tiny import make_tiny_pretrained
+    from modeling.pretrained.tiny import make_tiny_pretrained
 
     return make_tiny_pretrained(tmp_path_factory.mktemp("pretrained"))
 
@@ -107,7 +107,7 @@ def preprocess_config(corpus, pretrained: dict[str, str], out: Path, *overrides:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """A small generated corpus in the Jamendo layout, with one example of every bad input."""
-    from pipelines.corpus import make_corpus
+    from pipelines.preprocess.corpus.writer import make_corpus
 
     root = tmp_path_factory.mktemp("corpus")
     return make_corpus(root, 8, bad=True, seed=3, min_seconds=31, max_seconds=64, progress=False)
@@ -116,7 +116,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def preprocessed(corpus, tiny_pretrained, tmp_path_factory):
     """(config, summary) of one real preprocessing run (Ray Data, tiny real models) on `corpus`."""
-    from pipelines.preprocess import run_preprocess
+    from pipelines.preprocess.graph import run_preprocess
 
     start_local_ray()
     cfg = preprocess_config(corpus, tiny_pretrained, tmp_path_factory.mktemp("preprocessed"))

@@ -1,7 +1,7 @@
 """Checkpoints, generation to audio files, and `simba-ttm generate`: real files, tiny random models.
 
 The tiny DAC and T5 are saved in their libraries' own formats and loaded by the production loaders; the LM is
-the debug config shrunk further, saved and loaded through `pipelines.checkpoints`.
+the debug config shrunk further, saved and loaded through `pipelines.train.checkpoints`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 from configs import ExperimentConfig, load_config
 from eval.plots import spectrogram_png
 from modeling.builders import build_model
-from modeling.codec import load_codec
-from modeling.text_encoder import TextEncoder
-from pipelines.checkpoints import MODEL_FILE, find_checkpoint, load_model, save_model
+from modeling.pretrained.codec import load_codec
+from modeling.pretrained.text_encoder import TextEncoder
 from pipelines.generation import Sample, generate_audio, slugify, write_samples
+from pipelines.train.checkpoints import MODEL_FILE, find_checkpoint, load_model, save_model
 from ray_jobs.generate import main
 
 pytestmark = [

@@ -1,0 +1,110 @@
+"""DAC (Descript Audio Codec): load, encode a clip to codes, decode codebook 0 back to audio.
+
+The 44.1 kHz model turns 30 s of mono audio into 9 codebooks x 2584 frames (hop 512, ~86 fps). We call
+`preprocess` + `encode` on the whole clip rather than `compress()`, which loudness-normalises and
+encodes overlapping windows, so its frames are not a plain 86 fps sequence (REFERENCE.md, Data).
+
+Weights come either from a local file saved by dac (`DAC.save`, read back by `DAC.load`) or from the
+cache that `dac.utils.download` fills. We never download: this code runs on machines without
+internet, and a miss raises `MissingWeightsError` naming the config setting to change.
+`dac` is imported lazily because it takes seconds to import (audiotools).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from modeling.pretrained.errors import missing
+
+if TYPE_CHECKING:
+    import dac
+
+
+DAC_IDS = ("44khz", "24khz", "16khz")
+
+
+def dac_cache_path(model_id: str) -> Path:
+    """Where `dac.utils.download` caches a model id: "44khz", "44khz_8kbps" or "44khz_8kbps_0.0.1"."""
+    from dac.utils import __MODEL_LATEST_TAGS__  # here: dac takes seconds to import (see the module docstring)
+
+    model_type, bitrate, tag = [*model_id.lower().split("_", 2), None, None][:3]
+    bitrate = bitrate or "8kbps"
+    tag = tag or __MODEL_LATEST_TAGS__.get((model_type, bitrate))
+    if model_type not in DAC_IDS or tag is None:
+        raise ValueError(
+            f"unknown DAC id {model_id!r}; expected one of {list(DAC_IDS)} (optionally _<bitrate>[_<tag>])"
+        )
+    # Same layout as dac.utils.download, which we must not call: it downloads when the file is absent.
+    return Path.home() / ".cache" / "descript" / "dac" / f"weights_{model_type}_{bitrate}_{tag}.pth"
+
+
+def load_codec(path_or_id: str | Path = "44khz", device: str | torch.device = "cpu", setting: str = "data.codec"):
+    """Load a DAC model in eval mode.
+
+    Args:
+        path_or_id: a `.pth` saved by dac (`DAC.save`), or a dac model id ("44khz", "44khz_8kbps", ...) resolved
+            from dac's download cache without downloading.
+        device: where to put the model.
+        setting: the config key that names this model, quoted in the error when the weights are missing.
+    """
+    import dac  # here: dac takes seconds to import (see the module docstring)
+
+    spec = str(path_or_id)
+    path = Path(spec).expanduser()
+    if spec.split("_", 1)[0].lower() in DAC_IDS and not path.exists():
+        path = dac_cache_path(spec)
+    if not path.is_file():
+        raise missing("DAC weights", path, setting, "path to a .pth saved by dac")
+    model = dac.DAC.load(str(path))
+    return model.to(device).eval()
+
+
+def encode_codes(model: dac.DAC, audio: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Encode mono audio at `model.sample_rate` into DAC codes.
+
+    Args:
+        audio: (T,) or (B, T) float waveform.
+    Returns:
+        int16 codes, (n_codebooks, frames) or (B, n_codebooks, frames), frames = ceil(T / hop_length).
+    """
+    x = torch.as_tensor(audio, dtype=torch.float32)
+    single = x.ndim == 1
+    x = x.reshape(-1, 1, x.shape[-1]).to(model.device)  # (B, 1, T)
+    with torch.inference_mode():
+        x = model.preprocess(x, model.sample_rate)  # right-pads to a multiple of the hop
+        _, codes, *_ = model.encode(x)  # (B, n_q, frames)
+    # Codebook size 1024 fits int16; halves the stored tokens compared with int32.
+    codes = codes.cpu().numpy().astype(np.int16)
+    return codes[0] if single else codes
+
+
+def n_frames(model: dac.DAC, n_samples: int) -> int:
+    """Frames `encode_codes` gives for a clip of n_samples (30 s at 44.1 kHz -> 2584)."""
+    return math.ceil(n_samples / int(model.hop_length))
+
+
+def decode_codebook0(model: dac.DAC, codes: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Decode only codebook 0 to audio, as the paper's models predict that codebook alone.
+
+    Args:
+        codes: (frames,) codebook-0 tokens, (n_q, frames), or (B, n_q, frames); only codebook 0 is used.
+    Returns:
+        float32 audio, (frames * hop_length,) for unbatched input, else (B, frames * hop_length).
+    """
+    c = torch.as_tensor(np.asarray(codes), dtype=torch.int64)
+    single = c.ndim <= 2
+    if c.ndim == 1:
+        c = c[None]  # (1, frames)
+    if c.ndim == 2:
+        c = c[None]  # (1, n_q, frames)
+    c = c[:, :1].to(model.device)  # (B, 1, frames)
+    with torch.inference_mode():
+        z, _, _ = model.quantizer.from_codes(c)  # (B, latent_dim, frames)
+        audio = model.decode(z)[:, 0]  # (B, T)
+    audio = audio.float().cpu().numpy()
+    return audio[0] if single else audio

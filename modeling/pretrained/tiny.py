@@ -1,0 +1,167 @@
+"""Tiny random stand-ins for the pretrained parts, saved in each library's own format.
+
+Tests use them, and so does the demo when the real weights are absent (no internet to fetch them):
+each is written exactly as its library writes a real checkpoint, so it goes through the same loader as
+production (`load_codec`, `TextEncoder`, `load_separator`). They keep the interfaces that matter
+downstream: DAC's 9 codebooks x 1024 at hop 512 and 44.1 kHz, HTDemucs' four sources, a T5 encoder with
+an EOS-appending tokenizer. Their outputs are random-weight noise, not music.
+Each maker imports its own library (dac, transformers, demucs) inside: each takes seconds to import, and a
+caller that makes one model (or none, like test collection) should not pay for all three.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+SEED = 0
+SOURCES = ["drums", "bass", "other", "vocals"]
+
+# Words common in music captions, so tiny-model token counts look like real ones.
+WORDS = """
+a an the and or of with in on at to for from by is are this that it its very some while over into as
+song track piece music tune melody rhythm beat groove tempo harmony chords chord riff loop intro outro verse
+chorus bridge solo sound sounds texture atmosphere vibe feel mood style genre instrumental instruments
+rock pop jazz blues classical electronic ambient folk country metal punk hip hop rap funk soul reggae disco
+house techno trance dance orchestral cinematic acoustic lofi lo-fi indie experimental world latin
+piano guitar electric bass drums drum kit percussion synth synthesizer strings violin cello viola
+flute saxophone trumpet brass horns organ keyboard pad pads bells choir harp ukulele banjo clap claps
+happy sad calm upbeat energetic relaxing dark bright mellow melancholic uplifting dreamy epic soft loud
+slow fast fat heavy light warm gentle powerful peaceful emotional romantic playful aggressive chill smooth
+steady driving catchy simple complex minimal repetitive layered deep high low
+background film game commercial party summer night morning travel
+bpm major minor key time signature four beats per minute
+""".split()
+PUNCTUATION = [",", ".", "-", "!", "?", "'", ":", ";", "(", ")", "&", "/"]
+
+
+def _write_atomically(final: Path, write) -> Path:
+    """Write with `write(tmp_path)` next to `final`, then rename: concurrent makers never see half a file."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        target = tmp / final.name
+        write(target)
+        try:
+            os.rename(target, final)
+        except OSError:  # another process finished first (a non-empty directory cannot be replaced)
+            if not final.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def make_tiny_codec(path: str | Path, seed: int = SEED) -> Path:
+    """A random DAC with the real model's codes (9 codebooks x 1024, hop 512, 44.1 kHz), saved by dac itself.
+
+    encoder_dim 8 / decoder_dim 32 (0.49M parameters) encodes 30 s in ~5 s on 2 cores, about twice as fast
+    as 16 / 64; the codes' shape depends only on the strides and the quantizer.
+    """
+    import dac  # here: see the module docstring
+
+    def write(target: Path) -> None:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = dac.DAC(encoder_dim=8, decoder_dim=32)
+        # package=False writes {"state_dict", "metadata": {"kwargs"}}, the layout of dac's released weights.
+        model.save(str(target), package=False)
+
+    return _write_atomically(Path(path), write)
+
+
+def tiny_tokenizer():
+    """A word-level T5-style tokenizer over WORDS: lowercases, appends </s>, pads with <pad> (id 0) on the right."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors  # here: see the module docstring
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(["<pad>", "</s>", "<unk>", *WORDS, *PUNCTUATION]))}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=512,
+        padding_side="right",
+    )
+
+
+def make_tiny_text_encoder(dir: str | Path, dim: int = 32, seed: int = SEED) -> Path:
+    """A random 2-layer T5 encoder of width `dim` and its tokenizer, both written by `save_pretrained`."""
+    from transformers import T5Config, T5EncoderModel  # here: see the module docstring
+
+    def write(target: Path) -> None:
+        tokenizer = tiny_tokenizer()
+        config = T5Config(
+            vocab_size=len(tokenizer),
+            d_model=dim,
+            d_kv=8,
+            d_ff=2 * dim,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=0,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = T5EncoderModel(config)
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+
+    return _write_atomically(Path(dir), write)
+
+
+def make_tiny_separator(path: str | Path, seed: int = SEED) -> Path:
+    """A random HTDemucs with htdemucs' sources, channels and segment, saved in demucs' package format.
+
+    depth 4 (the default) with 8 channels and one transformer layer (0.36M parameters) separates 30 s in
+    seconds; a shallower net is slower, as the cross-domain transformer then attends over far more positions.
+    """
+    from demucs.htdemucs import HTDemucs  # here: see the module docstring
+    from demucs.states import get_state
+
+    def write(target: Path) -> None:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = HTDemucs(
+                sources=SOURCES,
+                audio_channels=2,
+                samplerate=44100,
+                segment=Fraction(39, 5),
+                channels=8,
+                depth=4,
+                t_layers=1,
+            )
+        # What demucs.states.serialize_model writes, minus the training args (it needs omegaconf for those).
+        args, kwargs = model._init_args_kwargs
+        torch.save({"klass": HTDemucs, "args": args, "kwargs": kwargs, "state": get_state(model, None)}, target)
+
+    return _write_atomically(Path(path), write)
+
+
+def make_tiny_pretrained(dir: str | Path) -> dict[str, str]:
+    """All three tiny models under `dir`, reusing any already there. Returns paths keyed like the data config."""
+    root = Path(dir)
+    paths = {
+        "codec": root / "dac_tiny.pth",
+        "text_encoder": root / "t5_tiny",
+        "separator": root / "htdemucs_tiny.th",
+    }
+    makers = {"codec": make_tiny_codec, "text_encoder": make_tiny_text_encoder, "separator": make_tiny_separator}
+    for key, path in paths.items():
+        if not path.exists():
+            makers[key](path)
+    return {key: str(path) for key, path in paths.items()}

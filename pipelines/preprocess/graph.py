@@ -1,0 +1,357 @@
+"""MTG-Jamendo -> token Parquet, as a Ray Data pipeline (paper section 3).
+
+    metadata TSV (driver) -> decode + resample + 30 s clips (CPU tasks)
+      -> clip selection: HTDemucs vocal removal, silence rule, caption, vocal-cue filter (actor pool)
+      -> DAC encode of the kept clip (actor pool) -> Flan-T5 caption embedding (actor pool)
+      -> Parquet parts: tokens/ and rejects/ (see pipelines/preprocess/tokens.py for the schema)
+
+Every row carries a status; rejections travel with the data instead of raising, so one bad file never
+stops the job and nothing is dropped silently. Tracks that already have an outcome on disk are skipped,
+so a rerun after a crash finishes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from configs.schema import ConfigError, ExperimentConfig
+from modeling.pretrained.codec import encode_codes, load_codec
+from modeling.pretrained.separator import load_separator, remove_vocals
+from modeling.pretrained.text_encoder import TextEncoder
+from pipelines.preprocess.audio import decode_track
+from pipelines.preprocess.captions import build_captioner
+from pipelines.preprocess.filters import DEFAULT_VOCAL_WORDS
+from pipelines.preprocess.jamendo import Reject, Track, audio_path, read_excluded_ids, read_metadata
+from pipelines.preprocess.selection import select_clip
+from pipelines.preprocess.tokens import (
+    REJECTS_SCHEMA,
+    TOKENS_SCHEMA,
+    finished_track_ids,
+    read_parts,
+    rejects_table,
+    split_of,
+    tokens_table,
+    write_part,
+)
+from pipelines.runtime import absolute_paths, ensure_ray
+
+OK = "ok"
+REJECTED = "rejected"
+
+
+# --- per-row steps (plain functions and callable classes, testable without Ray) ---------------------------
+
+
+def _clip_rejects_json(clip_rejects: list[tuple[float, Reject]]) -> str:
+    return json.dumps([dict(asdict(r), clip_start=start) for start, r in clip_rejects])
+
+
+def _reject_row(row: dict, reject: Reject, clip_rejects: list[tuple[float, Reject]] = ()) -> dict:
+    row.update(status=REJECTED, stage=reject.stage, reason=reject.reason, clip_rejects=_clip_rejects_json(clip_rejects))
+    return row
+
+
+def decode_step(row: dict, *, sample_rate: int, clip_seconds: float) -> dict:
+    """Decode, downmix, resample and clip one track. Adds `clips` (n, T) float32 and `clip_starts` (n,)."""
+    clips, reject = decode_track(row["track_id"], row["path"], sample_rate=sample_rate, clip_seconds=clip_seconds)
+    row.update(status=OK, stage="", reason="", clip_rejects="[]")
+    if reject is not None:
+        row.update(clips=np.zeros((0, 0), np.float32), clip_starts=np.zeros(0))
+        return _reject_row(row, reject)
+    row["clips"] = np.stack([c for _, c in clips]).astype(np.float32)  # (n, T)
+    row["clip_starts"] = np.array([s for s, _ in clips], dtype=np.float64)
+    return row
+
+
+def _rows(batch: dict[str, np.ndarray]) -> list[dict]:
+    n = len(next(iter(batch.values())))
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    out = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if isinstance(values[0], np.ndarray):
+            arr = np.empty(len(values), dtype=object)  # ragged tensors: one array per row
+            arr[:] = values
+            out[key] = arr
+        else:
+            out[key] = np.array(values)
+    return out
+
+
+def _track(row: dict) -> Track:
+    return Track(**json.loads(str(row["track_json"])))
+
+
+class ClipSelector:
+    """Actor: HTDemucs vocal removal + silence rule + caption + vocal-cue filter; keeps one clip per track."""
+
+    def __init__(self, cfg: dict, device: str = "cpu"):
+        p = ExperimentConfig.from_dict(cfg).preprocess
+        self.p = p
+        self.device = device
+        self.model = load_separator(p.separator, device=device, setting="preprocess.separator")
+        kind = p.captions
+        kwargs = {"file": {"path": p.caption_file}, "model": {"path_or_id": p.caption_model}}.get(kind, {})
+        if kind == "model":
+            kwargs.update(device=device, setting="preprocess.caption_model")
+        self.captioner = build_captioner(kind, **kwargs)
+        self.words = tuple(p.vocal_words) if p.vocal_words is not None else DEFAULT_VOCAL_WORDS
+
+    def separate(self, audio: np.ndarray) -> np.ndarray:
+        # shifts=0: no random time shift, so a rerun separates (and so selects) exactly the same way.
+        return remove_vocals(self.model, audio, device=self.device, shifts=0, sample_rate=self.p.sample_rate)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = []
+        for row in _rows(batch):
+            row.update(audio=np.zeros(0, np.float32), clip_start=-1.0, caption="")
+            clips = row.pop("clips")
+            starts = row.pop("clip_starts")
+            if row["status"] == OK:
+                track = _track(row)
+                sel = select_clip(
+                    track,
+                    list(zip(starts.tolist(), clips, strict=True)),
+                    separate=self.separate,
+                    captioner=self.captioner,
+                    sample_rate=self.p.sample_rate,
+                    seed=self.p.seed,
+                    max_silence_seconds=self.p.max_silence_seconds,
+                    threshold_db=self.p.silence_threshold_db,
+                    vocal_words=self.words,
+                )
+                if sel.track_reject is not None:
+                    _reject_row(row, sel.track_reject, sel.clip_rejects)
+                else:
+                    row.update(audio=sel.audio, clip_start=sel.clip_start, caption=sel.caption)
+                    row["clip_rejects"] = _clip_rejects_json(sel.clip_rejects)
+            out.append(row)
+        return _batch(out)
+
+
+class CodecEncoder:
+    """Actor: DAC `encode` of the kept clip, all 9 codebooks as int16."""
+
+    def __init__(self, cfg: dict, device: str = "cpu"):
+        p = ExperimentConfig.from_dict(cfg).preprocess
+        self.model = load_codec(p.codec, device=device, setting="preprocess.codec")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = _rows(batch)
+        for row in rows:
+            row["codes"] = np.zeros((0, 0), np.int16)
+            if row["status"] != OK:
+                continue
+            try:
+                row["codes"] = encode_codes(self.model, row["audio"])  # (9, F)
+            except Exception as e:  # recorded, never raised
+                _reject_row(row, Reject(str(row["track_id"]), "codec", f"DAC encode failed: {e!r}"))
+            row["audio"] = np.zeros(0, np.float32)  # the waveform is not needed downstream
+        return _batch(rows)
+
+
+class CaptionEmbedder:
+    """Actor: Flan-T5 encoder embeddings of the captions, fp16, with their lengths."""
+
+    def __init__(self, cfg: dict, device: str = "cpu"):
+        p = ExperimentConfig.from_dict(cfg).preprocess
+        self.encoder = TextEncoder(
+            p.text_encoder, device=device, max_length=p.text_max_length, setting="preprocess.text_encoder"
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = _rows(batch)
+        ok = [r for r in rows if r["status"] == OK]
+        for row in rows:
+            row.update(text_emb=np.zeros((0, 0), np.float16), text_len=0)
+        if ok:
+            emb, lengths = self.encoder([str(r["caption"]) for r in ok])
+            for row, e, n in zip(ok, emb, lengths, strict=True):
+                row.update(text_emb=e[:n], text_len=int(n))
+        return _batch(rows)
+
+
+def write_step(batch: dict[str, np.ndarray], *, tokens_dir: str, rejects_dir: str, val_fraction: float, seed: int):
+    """Write one batch's kept rows and rejections as Parquet parts; return a small status row per track."""
+    rows = _rows(batch)
+    tokens, rejects = [], []
+    for row in rows:
+        track_id = str(row["track_id"])
+        rejects += [dict(r) for r in json.loads(str(row["clip_rejects"]))]  # clip-level, clip_start set
+        if row["status"] == OK:
+            codes = np.asarray(row["codes"])
+            tokens.append(
+                dict(
+                    track_id=track_id,
+                    artist_id=str(row["artist_id"]),
+                    clip_start=float(row["clip_start"]),
+                    caption=str(row["caption"]),
+                    codes=codes,
+                    n_frames=codes.shape[1],
+                    text_emb=np.asarray(row["text_emb"]),
+                    text_len=int(row["text_len"]),
+                    split=split_of(track_id, val_fraction, seed),
+                )
+            )
+        else:
+            rejects.append(dict(track_id=track_id, stage=str(row["stage"]), reason=str(row["reason"])))
+    # Rejects first: a crash in between leaves the tracks unfinished (no token row, no track verdict),
+    # so a rerun redoes them; a rerun never sees a track as done whose clip rejections are missing.
+    write_part(rejects_table(rejects), rejects_dir)
+    write_part(tokens_table(tokens), tokens_dir)
+    return {
+        "track_id": np.array([str(r["track_id"]) for r in rows]),
+        "status": np.array([str(r["status"]) for r in rows]),
+        "stage": np.array([str(r["stage"]) for r in rows]),
+    }
+
+
+# --- the job ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreprocessSummary:
+    tracks_in_metadata: int = 0
+    skipped_done: int = 0  # already finished by an earlier run
+    processed: int = 0
+    kept: int = 0
+    rejected_tracks: dict[str, int] = field(default_factory=dict)  # this run, by stage
+    totals: dict[str, int] = field(default_factory=dict)  # on disk after this run
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        lines = [
+            f"tracks in metadata      {self.tracks_in_metadata}",
+            f"already done (skipped)  {self.skipped_done}",
+            f"processed this run      {self.processed}",
+            f"kept (one clip each)    {self.kept}",
+        ]
+        lines += [f"rejected at {stage:<12} {n}" for stage, n in sorted(self.rejected_tracks.items())]
+        lines += ["on disk:"] + [f"  {k:<21} {v}" for k, v in self.totals.items()]
+        lines.append(f"wall time               {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def _check_pretrained(cfg: ExperimentConfig) -> None:
+    """Fail once, before any data is read, when a pretrained part is missing (names the setting)."""
+    p = cfg.preprocess
+    load_separator(p.separator, setting="preprocess.separator")
+    load_codec(p.codec, setting="preprocess.codec")
+    TextEncoder(p.text_encoder, setting="preprocess.text_encoder")
+
+
+def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> PreprocessSummary:
+    """Run the whole pipeline on the current Ray cluster (starting a local one when none is connected)."""
+    t0 = time.time()
+    cfg = absolute_paths(cfg)
+    p = cfg.preprocess
+    if check_pretrained:
+        _check_pretrained(cfg)
+    if p.captions == "file" and not Path(p.caption_file).is_file():
+        raise ConfigError(f"preprocess.caption_file {p.caption_file} does not exist")
+    tokens_dir, rejects_dir = cfg.data.tokens_dir, p.rejects_dir
+
+    tracks, rejects = read_metadata(p.metadata_tsv)
+    summary = PreprocessSummary(tracks_in_metadata=len(tracks) + len(rejects))
+    if p.exclude_csv:
+        excluded = read_excluded_ids(p.exclude_csv)
+        kept_tracks = []
+        for t in tracks:
+            if t.track_id in excluded:
+                rejects.append(Reject(t.track_id, "exclusion", "listed in the Song Describer Dataset"))
+            else:
+                kept_tracks.append(t)
+        tracks = kept_tracks
+
+    done = finished_track_ids(tokens_dir, rejects_dir)
+    new_rejects = [r for r in rejects if r.track_id not in done]
+    todo = [t for t in tracks if t.track_id not in done]
+    summary.skipped_done = len(tracks) + len(rejects) - len(todo) - len(new_rejects)
+    write_part(rejects_table([asdict(r) for r in new_rejects]), rejects_dir)
+    statuses = [("rejected", r.stage) for r in new_rejects]
+
+    if todo:
+        ensure_ray()
+        gpus = p.gpus_per_actor
+        if gpus > 0 and ray.cluster_resources().get("GPU", 0) < gpus:
+            raise ConfigError(
+                f"preprocess.gpus_per_actor={gpus:g} but the Ray cluster has no GPU; "
+                "set preprocess.gpus_per_actor=0 to run the model steps on CPUs"
+            )
+        actors = p.separator_actors + p.codec_actors + p.text_actors
+        if ray.cluster_resources().get("CPU", 0) < actors + 1:
+            raise ConfigError(
+                f"the Ray cluster has {ray.cluster_resources().get('CPU', 0):g} CPUs; the {actors} model actors "
+                "(preprocess.separator_actors + codec_actors + text_actors) hold one each and decoding needs one "
+                "more: lower the actor counts or give Ray more CPUs (ray start --num-cpus)"
+            )
+        device = "cuda" if gpus > 0 else "cpu"
+        items = [
+            dict(
+                track_id=t.track_id,
+                artist_id=t.artist_id,
+                path=str(audio_path(p.audio_root, t)),
+                track_json=json.dumps(asdict(t)),
+            )
+            for t in todo
+        ]
+        cfg_dict = cfg.to_dict()
+        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
+        # Decode/resample/clip are plain CPU tasks. Their own retry setting also keeps Ray Data from fusing them
+        # into the separator actors (it fuses steps with equal remote args), so decoding scales with the CPUs
+        # of the cluster instead of with preprocess.separator_actors.
+        ds = ds.map(
+            decode_step,
+            fn_kwargs=dict(sample_rate=p.sample_rate, clip_seconds=p.clip_seconds),
+            num_cpus=1,
+            max_retries=2,
+        )
+        model_step = dict(num_gpus=gpus, fn_constructor_kwargs=dict(cfg=cfg_dict, device=device))
+        # One track per call: a track's clips are visited sequentially and most stop at the first clip.
+        ds = ds.map_batches(
+            ClipSelector, compute=ray.data.ActorPoolStrategy(size=p.separator_actors), batch_size=1, **model_step
+        )
+        model_step["batch_size"] = p.batch_size
+        ds = ds.map_batches(CodecEncoder, compute=ray.data.ActorPoolStrategy(size=p.codec_actors), **model_step)
+        ds = ds.map_batches(CaptionEmbedder, compute=ray.data.ActorPoolStrategy(size=p.text_actors), **model_step)
+        ds = ds.map_batches(
+            write_step,
+            batch_size=p.batch_size,
+            fn_kwargs=dict(
+                tokens_dir=tokens_dir, rejects_dir=rejects_dir, val_fraction=cfg.data.val_fraction, seed=cfg.data.seed
+            ),
+        )
+        statuses += [(r["status"], r["stage"]) for r in ds.take_all()]
+
+    summary.processed = len(todo)
+    summary.kept = sum(1 for status, _ in statuses if status == OK)
+    summary.rejected_tracks = dict(Counter(stage for status, stage in statuses if status != OK))
+    summary.totals = on_disk_totals(tokens_dir, rejects_dir)
+    summary.seconds = time.time() - t0
+    return summary
+
+
+def on_disk_totals(tokens_dir: str, rejects_dir: str) -> dict[str, int]:
+    tokens = read_parts(tokens_dir, ["track_id", "split"], TOKENS_SCHEMA)
+    rejects = read_parts(rejects_dir, ["track_id", "stage", "clip_start"], REJECTS_SCHEMA)
+    splits = Counter(tokens.column("split").to_pylist())
+    totals = {"token rows": tokens.num_rows, "train": splits.get("train", 0), "val": splits.get("val", 0)}
+    track_level = Counter(
+        s
+        for s, c in zip(rejects.column("stage").to_pylist(), rejects.column("clip_start").to_pylist(), strict=True)
+        if c is None
+    )
+    totals["rejected tracks"] = sum(track_level.values())
+    totals.update({f"  {stage}": n for stage, n in sorted(track_level.items())})
+    totals["rejected clips"] = rejects.num_rows - totals["rejected tracks"]
+    return totals

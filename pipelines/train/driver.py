@@ -1,0 +1,94 @@
+"""The training driver: checks, the MLflow run, and Ray Train's TorchTrainer around `train_loop_per_worker`.
+
+`check_before_ray` answers what can be known without Ray (data present, enough rows); `run_training` resolves
+paths, finds or creates the MLflow run (a restart continues it), reads the token splits with Ray Data and fits
+the TorchTrainer, which restarts a crashed worker group from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from configs.schema import ConfigError, ExperimentConfig
+from pipelines.runtime import absolute_paths, ensure_ray
+from pipelines.train.dataset import count_split, read_split, token_files
+from pipelines.train.loop import train_loop_per_worker
+from pipelines.train.tracking import RunLogger, resolve_tracking_uri, start_or_resume_run
+
+
+@dataclass
+class TrainingOutcome:
+    result: object  # ray.train.Result: checkpoint, metrics, path
+    run_id: str
+    tracking_uri: str
+    config: ExperimentConfig
+
+
+def check_before_ray(cfg: ExperimentConfig) -> tuple[int, int]:
+    """Everything that can be checked without Ray: data present, enough rows. Returns (train, val) rows."""
+    token_files(cfg.data.tokens_dir)
+    n_train, n_val = count_split(cfg.data.tokens_dir, "train"), count_split(cfg.data.tokens_dir, "val")
+    need = cfg.train.batch_size * max(cfg.train.num_workers, 1)
+    if n_train < need:
+        raise ConfigError(
+            f"the training split has {n_train} rows, fewer than train.batch_size x workers = {need}: "
+            "preprocess more data or lower train.batch_size"
+        )
+    return n_train, n_val
+
+
+def run_training(cfg: ExperimentConfig, *, local_mode: bool = False) -> TrainingOutcome:
+    """Train `cfg` on the connected Ray cluster (a local one when none).
+
+    local_mode runs the loop in this process (ScalingConfig(num_workers=0)): fast, no fault tolerance.
+    """
+    cfg = absolute_paths(cfg)
+    n_train, n_val = check_before_ray(cfg)
+    if n_val == 0 and cfg.train.val_every > 0:
+        print("note: the validation split is empty; validation is skipped (raise data.val_fraction)", file=sys.stderr)
+        cfg = ExperimentConfig.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "val_every": 0}})
+    ensure_ray()
+    use_gpu = cfg.train.use_gpu and not local_mode
+    if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
+        raise ConfigError("train.use_gpu is true but the Ray cluster has no GPU; set train.use_gpu=false for CPUs")
+
+    uri = resolve_tracking_uri(cfg)
+    storage = cfg.train.storage_path
+    Path(storage).mkdir(parents=True, exist_ok=True)
+    resolved = cfg.dump_yaml(Path(storage) / cfg.name / "config.yaml")
+    run_id = start_or_resume_run(cfg, str(Path(storage) / cfg.name), uri, config_yaml=resolved)
+
+    datasets = {"train": read_split(cfg.data.tokens_dir, "train", **_split_kwargs(cfg))}
+    if cfg.train.val_every > 0:
+        datasets["val"] = read_split(cfg.data.tokens_dir, "val", **_split_kwargs(cfg))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri},
+        scaling_config=ray.train.ScalingConfig(num_workers=0 if local_mode else cfg.train.num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        datasets=datasets,
+    )
+    print(f"training {cfg.model.arch} '{cfg.name}' on {n_train} clips ({n_val} validation); MLflow run {run_id}")
+    try:
+        result = trainer.fit()
+    except Exception:
+        RunLogger(run_id, uri).finish("FAILED")
+        raise
+    if result.error is not None:
+        raise result.error
+    return TrainingOutcome(result=result, run_id=run_id, tracking_uri=uri, config=cfg)
+
+
+def _split_kwargs(cfg: ExperimentConfig) -> dict:
+    return dict(codebook=cfg.data.codebook, max_frames=cfg.data.max_frames, pad_id=cfg.model.pad_id)

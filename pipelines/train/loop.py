@@ -1,0 +1,210 @@
+"""The training loop: one function (`train_loop_per_worker`) that Ray Train runs on every worker.
+
+It reads as a recipe, top to bottom: setup (seed, model, optimizer, resume from Ray Train's checkpoint, data
+shards, MLflow logger) -> train (gradient accumulation, clipping, warm-up + cosine, bf16 autocast on CUDA;
+validate / generate / checkpoint every N optimizer steps) -> save (the final model, to MLflow) -> cleanup.
+Rank 0 logs to MLflow. A checkpoint holds the model (`model.pt`, what `simba-ttm generate` loads) and the
+training state (`state.pt`: optimizer, scheduler, step, data position, RNG); Ray Train restarts a crashed run
+from the latest one. Checkpoint I/O, validation and samples live in their own modules.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from configs.schema import ExperimentConfig
+from modeling.builders import build_model
+from pipelines.train.checkpoints import TrainState, load_checkpoint, save_checkpoint, save_model
+from pipelines.train.dataset import EpochBatches, collate
+from pipelines.train.distributed import all_reduce, no_sync_unless
+from pipelines.train.optim import autocast_dtype, make_optimizer
+from pipelines.train.samples import SampleWriter
+from pipelines.train.tracking import RunLogger
+from pipelines.train.validation import validate
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point. config: {"experiment": cfg.to_dict(), "run_id": str | None, "tracking_uri": str}."""
+    recipe = TrainRecipe(config)
+    recipe.setup()
+    recipe.train()
+    recipe.save_final_model()
+    recipe.cleanup()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class TrainRecipe:
+    """One worker's training run; `train_loop_per_worker` calls its steps in order."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.cfg = ExperimentConfig.from_dict(config["experiment"])
+
+    # --- setup ----------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.manual_seed(t.seed + self.rank)
+        self.device = ray.train.torch.get_device()
+        self.amp = autocast_dtype(t, self.device)
+
+        self.raw = build_model(cfg.model).to(self.device)
+        self.opt, self.sched = make_optimizer(self.raw, t)
+        self.state = TrainState()
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                self.state = load_checkpoint(Path(d), self.raw, self.opt, self.sched)
+            print(f"[rank {self.rank}] resumed from step {self.state.step} (epoch {self.state.epoch})", file=sys.stderr)
+        self.model = ray.train.torch.prepare_model(self.raw) if self.world > 1 else self.raw
+
+        config = self.config
+        self.logger = (
+            RunLogger(config["run_id"], config["tracking_uri"]) if self.rank == 0 and config.get("run_id") else None
+        )
+        if self.logger is not None and checkpoint is not None:
+            self.logger.metrics({"resumed_from_step": self.state.step}, step=self.state.step)
+        self.sampler = SampleWriter(cfg, self.device) if self.rank == 0 and t.generate_every > 0 else None
+        self.train_batches = EpochBatches(ray.train.get_dataset_shard("train"), t.batch_size, seed=t.seed + self.rank)
+        self.val_batches = None
+        if t.val_every > 0:
+            self.val_batches = EpochBatches(ray.train.get_dataset_shard("val"), t.batch_size, drop_last=False)
+
+    # --- train ----------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg, t, state = self.cfg, self.cfg.train, self.state
+        model, raw, opt, sched = self.model, self.raw, self.opt, self.sched
+        device, amp, world = self.device, self.amp, self.world
+        model.train()
+        micro, losses, tokens_seen, bad = 0, [], 0, False
+        t_step = time.perf_counter()
+        while state.step < t.max_steps:
+            for i, numpy_batch in enumerate(self.train_batches.epoch(state.epoch)):
+                if i < state.batches_in_epoch:  # resuming inside an epoch: skip what was consumed
+                    continue
+                batch = collate(numpy_batch, device=device)
+                state.batches_in_epoch = i + 1
+                last_micro = micro + 1 == t.grad_accum
+                sync = last_micro or world == 1
+                with no_sync_unless(model, sync):
+                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                        out = model(
+                            batch["inputs"],
+                            batch["text"],
+                            batch["text_mask"],
+                            targets=batch["targets"],
+                            label_smoothing=t.label_smoothing,
+                        )
+                    loss = out.loss
+                    if torch.isfinite(loss):
+                        (loss / t.grad_accum).backward()
+                        losses.append(loss.item())
+                    else:
+                        bad = True
+                tokens_seen += int((batch["targets"] != cfg.model.pad_id).sum())
+                micro += 1
+                if micro < t.grad_accum:
+                    continue
+
+                # --- one optimizer step
+                (bad_any,) = all_reduce([float(bad)], device)
+                if bad_any:
+                    self._skip_nonfinite_step()
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        raw.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")
+                    )
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    sched.step()
+                    state.step += 1
+                    state.nonfinite_in_row = 0
+                    elapsed = time.perf_counter() - t_step
+                    metrics = {
+                        "train_loss": sum(losses) / max(len(losses), 1),
+                        "lr": sched.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9),
+                        "step_time_s": elapsed,
+                        "peak_memory_bytes": peak_memory_bytes(device),
+                        "nonfinite_skipped": state.nonfinite_total,
+                    }
+                    self._after_step(metrics)
+                micro, losses, tokens_seen, bad = 0, [], 0, False
+                t_step = time.perf_counter()
+                if state.step >= t.max_steps:
+                    break
+            else:
+                state.epoch += 1
+                state.batches_in_epoch = 0
+                if state.step == 0 and micro == 0 and not losses:
+                    raise RuntimeError(
+                        "the training split produced no batch: is train.batch_size larger than the data?"
+                    )
+
+    def _skip_nonfinite_step(self) -> None:
+        """Some worker's loss was not finite: drop this step's gradients; too many in a row stop the run."""
+        t, state = self.cfg.train, self.state
+        self.opt.zero_grad(set_to_none=True)
+        state.nonfinite_in_row += 1
+        state.nonfinite_total += 1
+        if state.nonfinite_in_row > t.max_nonfinite_steps:
+            raise RuntimeError(
+                f"{state.nonfinite_in_row} optimizer steps in a row had a non-finite loss (step {state.step}); "
+                "lower train.lr or check the data (train.max_nonfinite_steps sets the limit)"
+            )
+
+    def _after_step(self, metrics: dict) -> None:
+        """Validate, generate samples and checkpoint when their intervals say so; report the step's metrics."""
+        t, state = self.cfg.train, self.state
+        if self.val_batches is not None and state.step % t.val_every == 0:
+            metrics["val_loss"] = validate(self.model, self.val_batches, self.device, self.amp)
+        if self.sampler is not None and (state.step % t.generate_every == 0 or state.step == t.max_steps):
+            self.sampler(self.raw, state.step, self.logger)
+        save = state.step % t.checkpoint_every == 0 or state.step == t.max_steps
+        self._report(metrics, save)
+
+    def _report(self, metrics: dict, save: bool) -> None:
+        if self.logger is not None:
+            self.logger.metrics(metrics, step=self.state.step)
+        if not save:
+            return
+        # Every rank reports (a barrier); rank 0 hands over the checkpoint directory.
+        tmp = Path(tempfile.mkdtemp(prefix="simba-ckpt-"))
+        ckpt = None
+        if self.rank == 0:
+            save_checkpoint(tmp, self.raw, self.cfg, self.opt, self.sched, self.state)
+            ckpt = ray.train.Checkpoint.from_directory(str(tmp))
+        ray.train.report({"step": self.state.step, **metrics}, checkpoint=ckpt)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    # --- save -----------------------------------------------------------------------------------------------
+
+    def save_final_model(self) -> None:
+        """Rank 0 logs the final weights to the MLflow run as `checkpoint/model.pt`."""
+        if self.logger is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.logger.artifact(save_model(tmp, self.raw, self.cfg, self.state.step), "checkpoint")
+
+    # --- cleanup --------------------------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        if self.logger is not None:
+            self.logger.finish()

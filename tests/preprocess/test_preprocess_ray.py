@@ -1,0 +1,133 @@
+"""The preprocessing pipeline end to end on a real Ray runtime, a generated corpus and tiny real models."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from modeling.pretrained.errors import MissingWeightsError
+from pipelines.preprocess.graph import run_preprocess
+from pipelines.preprocess.tokens import REJECTS_SCHEMA, TOKENS_SCHEMA, read_parts
+from tests.conftest import preprocess_config
+
+# What the pipeline must do with each kind of track make_corpus writes: (table, stage).
+EXPECTED = {
+    "good": {("tokens", None)},
+    "silence": {("tokens", None), ("rejects", "silence")},  # kept when another clip of it is not silent
+    "sdd": {("rejects", "exclusion")},
+    "vocals": {("rejects", "vocal_filter")},
+    "corrupt": {("rejects", "decode")},
+    "empty": {("rejects", "decode")},
+    "missing": {("rejects", "decode")},
+    "nonfinite": {("rejects", "decode")},
+    "short": {("rejects", "clip")},
+    "malformed": {("rejects", "metadata")},
+    "no_caption": {("rejects", "caption")},
+}
+
+
+def _outcomes(cfg) -> dict[str, tuple[str, str | None]]:
+    tokens = read_parts(cfg.data.tokens_dir, schema=TOKENS_SCHEMA)
+    rejects = read_parts(cfg.preprocess.rejects_dir, schema=REJECTS_SCHEMA)
+    out: dict[str, tuple[str, str | None]] = {}
+    for track_id in tokens.column("track_id").to_pylist():
+        assert track_id not in out, f"{track_id} has two token rows"
+        out[track_id] = ("tokens", None)
+    for row in rejects.to_pylist():
+        if row["clip_start"] is None:
+            assert row["track_id"] not in out, f"{row['track_id']} has two outcomes"
+            assert row["reason"], row
+            out[row["track_id"]] = ("rejects", row["stage"])
+    return out
+
+
+@pytest.fixture
+def first_run(preprocessed, ray_session):
+    return preprocessed
+
+
+def test_every_track_has_exactly_its_expected_outcome(first_run, corpus):
+    cfg, summary = first_run
+    outcomes = _outcomes(cfg)
+    assert set(outcomes) == {t.track_id for t in corpus.tracks}
+    for t in corpus.tracks:
+        assert outcomes[t.track_id] in EXPECTED[t.kind], (t.kind, outcomes[t.track_id])
+    kept = sum(1 for table, _ in outcomes.values() if table == "tokens")
+    assert summary.kept == kept >= 1
+    assert summary.totals["token rows"] == kept
+    assert summary.tracks_in_metadata == len(corpus.tracks)
+
+
+def test_reasons_name_the_problem(first_run, corpus):
+    cfg, _ = first_run
+    rejects = {r["track_id"]: r["reason"] for r in read_parts(cfg.preprocess.rejects_dir).to_pylist()
+               if r["clip_start"] is None}  # fmt: skip
+    by_kind = {t.kind: rejects.get(t.track_id, "") for t in corpus.tracks}
+    assert "non-finite" in by_kind["nonfinite"]
+    assert "empty" in by_kind["empty"]
+    assert "not found" in by_kind["missing"]
+    assert "shorter than one 30 s clip" in by_kind["short"]
+    assert "Song Describer" in by_kind["sdd"]
+    assert "line" in by_kind["malformed"]
+    assert "no caption" in by_kind["no_caption"]
+
+
+def test_token_parquet_schema_and_contents(first_run):
+    cfg, _ = first_run
+    files = sorted(Path(cfg.data.tokens_dir).glob("*"))
+    assert files and all(f.name.startswith("part-") and f.suffix == ".parquet" for f in files)
+    table = pq.read_table(files[0])
+    assert table.schema.equals(TOKENS_SCHEMA)
+    for row in read_parts(cfg.data.tokens_dir).to_pylist():
+        codes = np.asarray(row["codes"], dtype=np.int16)
+        assert codes.shape == (9, row["n_frames"]) and row["n_frames"] == 2584  # 30 s at 44.1 kHz / 512
+        assert 0 <= codes.min() and codes.max() < 1024
+        emb = np.asarray(row["text_emb"], dtype=np.float16)
+        assert emb.shape == (row["text_len"], 32) and np.isfinite(emb).all()
+        assert row["split"] in ("train", "val") and row["caption"]
+        assert row["clip_start"] % 30.0 == 0.0
+
+
+def test_rerun_adds_nothing_and_loses_nothing(first_run):
+    cfg, _ = first_run
+    before_tokens = read_parts(cfg.data.tokens_dir).sort_by("track_id")
+    before_rejects = read_parts(cfg.preprocess.rejects_dir).num_rows
+    again = run_preprocess(cfg)
+    assert again.processed == 0 and again.kept == 0
+    assert again.skipped_done == again.tracks_in_metadata
+    assert read_parts(cfg.data.tokens_dir).sort_by("track_id").equals(before_tokens)
+    assert read_parts(cfg.preprocess.rejects_dir).num_rows == before_rejects
+
+
+def test_a_lost_part_is_redone_with_the_same_clip(first_run):
+    """Delete the token parts (as if the run had crashed before writing them): a rerun redoes exactly those
+    tracks and, with the same seed, picks the same clips and writes the same codes."""
+    cfg, _ = first_run
+    before = {r["track_id"]: r for r in read_parts(cfg.data.tokens_dir).to_pylist()}
+    for part in Path(cfg.data.tokens_dir).glob("part-*.parquet"):
+        part.unlink()
+    again = run_preprocess(cfg)
+    assert again.processed == len(before)
+    after = {r["track_id"]: r for r in read_parts(cfg.data.tokens_dir).to_pylist()}
+    assert set(after) == set(before)
+    for track_id, row in before.items():
+        assert after[track_id]["clip_start"] == row["clip_start"]
+        assert after[track_id]["codes"] == row["codes"]
+        assert after[track_id]["caption"] == row["caption"]
+
+
+def test_missing_weights_fail_before_reading_data(corpus, tiny_pretrained, tmp_path):
+    cfg = preprocess_config(corpus, {**tiny_pretrained, "codec": str(tmp_path / "nope.pth")}, tmp_path)
+    with pytest.raises(MissingWeightsError, match="preprocess.codec"):
+        run_preprocess(cfg)
+    assert not (tmp_path / "rejects").exists() and not (tmp_path / "tokens").exists()
+
+
+def test_summary_is_json_serialisable(first_run):
+    _, summary = first_run
+    assert json.loads(json.dumps(asdict(summary)))["tracks_in_metadata"] == summary.tracks_in_metadata

@@ -1,0 +1,194 @@
+"""Training on real Parquet from the preprocessing pipeline, with a real Ray runtime and MLflow store."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from configs import ExperimentConfig
+from modeling.builders import build_model
+from pipelines.train.dataset import collate, read_split
+from pipelines.train.driver import run_training
+from pipelines.train.optim import lr_factor, make_optimizer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _train_cfg(preprocessed, tmp_path: Path, *overrides: str) -> ExperimentConfig:
+    base, _ = preprocessed
+    d = base.to_dict()
+    d["train"].update(storage_path=str(tmp_path / "runs"), max_steps=30, warmup_steps=3, checkpoint_every=10)
+    d["train"].update(val_every=10, generate_every=30, batch_size=2)
+    d["data"]["max_frames"] = 128
+    d["generation"].update(seconds=0.5, prompts=["a calm piano piece", "fast drums and bass"])
+    d["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from configs.schema import apply_overrides
+
+    return ExperimentConfig.from_dict(apply_overrides(d, overrides))
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    f = lambda s: lr_factor(s, warmup_steps=100, max_steps=1000, min_lr_ratio=0.005)  # noqa: E731
+    assert f(0) == pytest.approx(0.01) and f(99) == pytest.approx(1.0)
+    assert f(100) == pytest.approx(1.0)
+    assert f(550) == pytest.approx(0.005 + 0.995 * 0.5)
+    assert f(1000) == pytest.approx(0.005) and f(5000) == pytest.approx(0.005)
+    assert all(f(s) >= f(s + 1) for s in range(100, 1000))
+
+
+def test_batches_from_real_parquet(preprocessed, ray_session):
+    cfg, _ = preprocessed
+    ds = read_split(cfg.data.tokens_dir, "train", codebook=0, max_frames=64, pad_id=1024)
+    batch = collate(next(iter(ds.iter_batches(batch_size=2, batch_format="numpy"))))
+    assert batch["inputs"].shape == (2, 64) and batch["targets"].shape == (2, 64)
+    assert (batch["inputs"][:, 0] == 1024).all()  # BOS
+    assert torch.equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])  # shifted by one
+    assert batch["targets"].max() < 1024  # 64 of the 2584 frames: no padding needed
+    lengths = batch["text_mask"].sum(1)
+    assert batch["text"].shape[:2] == batch["text_mask"].shape and (lengths > 0).all()
+    assert (batch["text"][~batch["text_mask"]] == 0).all()
+    long = collate(next(iter(read_split(cfg.data.tokens_dir, "train", codebook=0, max_frames=3000, pad_id=1024)
+                        .iter_batches(batch_size=1, batch_format="numpy"))))  # fmt: skip
+    assert (long["targets"][0, 2584:] == 1024).all() and (long["targets"][0, :2584] < 1024).all()
+
+
+def test_one_batch_overfits_with_the_training_optimizer(preprocessed, ray_session):
+    cfg, _ = preprocessed
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    model.cond_dropout = 0.0
+    ds = read_split(cfg.data.tokens_dir, "train", codebook=0, max_frames=64, pad_id=1024)
+    batch = collate(next(iter(ds.iter_batches(batch_size=2, batch_format="numpy"))))
+    t = ExperimentConfig.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "warmup_steps": 1}}).train
+    opt, sched = make_optimizer(model, t)
+    losses = []
+    for _ in range(80):
+        loss = model(batch["inputs"], batch["text"], batch["text_mask"], targets=batch["targets"]).loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[0] == pytest.approx(math.log(1025), abs=0.3)
+    assert losses[-1] < 0.35 * losses[0], losses[::10]
+
+
+def _metric(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _artifacts(client, run_id: str, path: str = "") -> list[str]:
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out += _artifacts(client, run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+
+def test_debug_run_learns_and_logs_to_mlflow(preprocessed, ray_session, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = _train_cfg(preprocessed, tmp_path, "train.lr=3e-3")
+    out = run_training(cfg, local_mode=True)
+    client = MlflowClient(out.tracking_uri)
+    run = client.get_run(out.run_id)
+    assert run.info.status == "FINISHED"
+    loss = [v for _, v in _metric(client, out.run_id, "train_loss")]
+    assert len(loss) == 30
+    assert np.mean(loss[-5:]) < np.mean(loss[:5]) - 0.5, loss
+    for key in ("lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_memory_bytes"):
+        assert len(_metric(client, out.run_id, key)) == 30, key
+    assert [s for s, _ in _metric(client, out.run_id, "val_loss")] == [10, 20, 30]
+    assert run.data.params["model.arch"] == "simba" and run.data.params["train.lr"] == "0.003"
+    assert "env.torch" in run.data.params
+    files = _artifacts(client, out.run_id)
+    assert "config.yaml" in files and "checkpoint/model.pt" in files
+    wavs = [f for f in files if f.startswith("samples/step_000030/") and f.endswith(".wav")]
+    pngs = [f for f in files if f.startswith("samples/step_000030/") and f.endswith(".png")]
+    assert len(wavs) == len(pngs) == 2
+
+
+def test_transformer_trains_under_the_same_config(preprocessed, ray_session, tmp_path):
+    cfg = _train_cfg(preprocessed, tmp_path, "model.arch=transformer", "train.max_steps=6", "train.generate_every=0",
+                     "train.val_every=3", "name=debug-transformer")  # fmt: skip
+    out = run_training(cfg, local_mode=True)
+    assert out.result.checkpoint is not None
+
+
+def test_configuration_errors_fail_before_ray_starts(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    cases = [
+        (["data.tokens_dir=" + str(tmp_path / "nothing")], "no token parts"),
+        (["model.arch=mamba"], "model.arch must be one of"),
+        (["train.lrr=1"], "did you mean 'train.lr'"),
+    ]
+    for overrides, message in cases:
+        t0 = time.time()
+        proc = subprocess.run(
+            [sys.executable, "-m", "ray_jobs.train", "--config", "configs/debug.yaml", *overrides],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr
+        assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+        assert time.time() - t0 < 60
+
+
+def test_kill9_then_restart_resumes_in_the_same_mlflow_run(preprocessed, ray_session, tmp_path):
+    """A real TorchTrainer run killed with SIGKILL after its first checkpoint resumes from it when started
+    again, and keeps logging to the same MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = _train_cfg(preprocessed, tmp_path, "train.max_steps=60", "train.grad_accum=4", "train.generate_every=0",
+                     "train.val_every=0", "name=resume")  # fmt: skip
+    cfg_path = cfg.dump_yaml(tmp_path / "resume.yaml")
+    address = ray_session.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "ray_jobs.train", "--config", str(cfg_path), "--address", address]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    log1 = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    run_dir = tmp_path / "runs" / "resume"
+    deadline = time.time() + 240
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
+    while not (snapshot.is_file() and json.loads(snapshot.read_text())["checkpoint_results"]):
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    saved = max(r["metrics"]["step"] for r in json.loads(snapshot.read_text())["checkpoint_results"])
+    assert 10 <= saved < 60
+
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("simba-ttm").experiment_id])
+    assert len(runs) == 1, "a restart must continue the same MLflow run"
+    steps = [s for s, _ in _metric(client, runs[0].info.run_id, "train_loss")]
+    assert steps[-1] == 60 and set(range(1, 61)) <= set(steps)
+    assert runs[0].info.status == "FINISHED"
+    resumed = _metric(client, runs[0].info.run_id, "resumed_from_step")
+    assert resumed and resumed[0][1] >= saved, resumed
+    # steps up to the checkpoint were trained once: the restart did not begin again from step 0
+    assert all(steps.count(s) == 1 for s in range(1, saved + 1))
+
+
+def test_two_workers_train_with_ddp(preprocessed, ray_session, tmp_path):
+    """train.num_workers=2: two Ray Train workers (gloo DDP on CPU) with their own data shards."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = _train_cfg(preprocessed, tmp_path, "train.num_workers=2", "train.batch_size=1", "train.max_steps=4",
+                     "train.grad_accum=2", "train.val_every=2", "train.generate_every=0", "name=ddp")  # fmt: skip
+    out = run_training(cfg)
+    client = MlflowClient(out.tracking_uri)
+    assert [m.step for m in client.get_metric_history(out.run_id, "train_loss")] == [1, 2, 3, 4]
+    assert len(client.get_metric_history(out.run_id, "val_loss")) == 2
+    assert out.result.checkpoint is not None
