@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs import ExperimentConfig
+from configs import ExperimentConfig, apply_overrides
 from modeling.builders import build_model
 from pipelines.train.dataset import collate, read_split
 from pipelines.train.driver import run_training
@@ -32,8 +32,6 @@ def _train_cfg(preprocessed, tmp_path: Path, *overrides: str) -> ExperimentConfi
     d["data"]["max_frames"] = 128
     d["generation"].update(seconds=0.5, prompts=["a calm piano piece", "fast drums and bass"])
     d["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    from configs.schema import apply_overrides
-
     return ExperimentConfig.from_dict(apply_overrides(d, overrides))
 
 
