@@ -8,13 +8,22 @@ import torch
 from torch import nn
 
 
-def all_reduce(values: list[float], device: torch.device) -> list[float]:
-    """Sum `values` over the workers (unchanged without a process group)."""
+def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """Sum (or "max") `values` over the workers (unchanged without a process group)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
+    reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
+    torch.distributed.all_reduce(t, op=reduce_op)
     return t.tolist()
+
+
+def replica_spread(model: nn.Module, device: torch.device) -> float:
+    """max - min over the workers of a checksum of the parameters: 0.0 while DDP keeps the replicas identical."""
+    with torch.no_grad():
+        checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+    high, neg_low = all_reduce([checksum, -checksum], device, op="max")
+    return high + neg_low
 
 
 def no_sync_unless(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:

@@ -25,9 +25,10 @@ from configs.schema import ExperimentConfig
 from modeling.builders import build_model
 from pipelines.train.checkpoints import TrainState, load_checkpoint, save_checkpoint, save_model
 from pipelines.train.dataset import EpochBatches, collate
-from pipelines.train.distributed import all_reduce, no_sync_unless
-from pipelines.train.optim import autocast_dtype, make_optimizer
+from pipelines.train.distributed import replica_spread
+from pipelines.train.optim import autocast_dtype, clip_and_step, make_optimizer
 from pipelines.train.samples import SampleWriter
+from pipelines.train.step import StepStats, micro_batch_backward, scale_to_token_mean
 from pipelines.train.tracking import RunLogger
 from pipelines.train.validation import validate
 
@@ -93,82 +94,69 @@ class TrainRecipe:
         model, raw, opt, sched = self.model, self.raw, self.opt, self.sched
         device, amp, world = self.device, self.amp, self.world
         model.train()
-        micro, losses, tokens_seen, bad = 0, [], 0, False
+        micro, stats = 0, StepStats()
         t_step = time.perf_counter()
         while state.step < t.max_steps:
+            produced = False
             for i, numpy_batch in enumerate(self.train_batches.epoch(state.epoch)):
+                produced = True
                 if i < state.batches_in_epoch:  # resuming inside an epoch: skip what was consumed
                     continue
-                batch = collate(numpy_batch, device=device)
                 state.batches_in_epoch = i + 1
-                last_micro = micro + 1 == t.grad_accum
-                sync = last_micro or world == 1
-                with no_sync_unless(model, sync):
-                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                        out = model(
-                            batch["inputs"],
-                            batch["text"],
-                            batch["text_mask"],
-                            targets=batch["targets"],
-                            label_smoothing=t.label_smoothing,
-                        )
-                    loss = out.loss
-                    if torch.isfinite(loss):
-                        (loss / t.grad_accum).backward()
-                        losses.append(loss.item())
-                    else:
-                        bad = True
-                tokens_seen += int((batch["targets"] != cfg.model.pad_id).sum())
                 micro += 1
+                micro_batch_backward(
+                    model,
+                    collate(numpy_batch, device=device),
+                    stats,
+                    pad_id=cfg.model.pad_id,
+                    label_smoothing=t.label_smoothing,
+                    amp=amp,
+                    sync=micro == t.grad_accum or world == 1,
+                )
                 if micro < t.grad_accum:
                     continue
 
-                # --- one optimizer step
-                (bad_any,) = all_reduce([float(bad)], device)
-                if bad_any:
+                # --- one optimizer step: the per-token mean over all micro-batches and workers
+                step = stats.reduced(device)
+                scale_to_token_mean(raw.parameters(), step, world)
+                grad_norm = clip_and_step(raw.parameters(), opt, sched, t.grad_clip, skip=step.nonfinite)
+                if grad_norm is None:
                     self._skip_nonfinite_step()
                 else:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        raw.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")
-                    )
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    sched.step()
                     state.step += 1
                     state.nonfinite_in_row = 0
                     elapsed = time.perf_counter() - t_step
                     metrics = {
-                        "train_loss": sum(losses) / max(len(losses), 1),
+                        "train_loss": step.mean_loss,  # over all workers
                         "lr": sched.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9),
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": step.tokens / max(elapsed, 1e-9),
                         "step_time_s": elapsed,
                         "peak_memory_bytes": peak_memory_bytes(device),
                         "nonfinite_skipped": state.nonfinite_total,
                     }
                     self._after_step(metrics)
-                micro, losses, tokens_seen, bad = 0, [], 0, False
+                micro, stats = 0, StepStats()
                 t_step = time.perf_counter()
                 if state.step >= t.max_steps:
                     break
             else:
                 state.epoch += 1
                 state.batches_in_epoch = 0
-                if state.step == 0 and micro == 0 and not losses:
+                if not produced:  # (not `step == 0`: a first step skipped for a NaN can end an epoch)
                     raise RuntimeError(
                         "the training split produced no batch: is train.batch_size larger than the data?"
                     )
 
     def _skip_nonfinite_step(self) -> None:
-        """Some worker's loss was not finite: drop this step's gradients; too many in a row stop the run."""
+        """Some worker's loss, or the gradient norm, was not finite: count it; too many in a row stop the run."""
         t, state = self.cfg.train, self.state
-        self.opt.zero_grad(set_to_none=True)
         state.nonfinite_in_row += 1
         state.nonfinite_total += 1
         if state.nonfinite_in_row > t.max_nonfinite_steps:
             raise RuntimeError(
-                f"{state.nonfinite_in_row} optimizer steps in a row had a non-finite loss (step {state.step}); "
-                "lower train.lr or check the data (train.max_nonfinite_steps sets the limit)"
+                f"{state.nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradient "
+                f"(step {state.step}); lower train.lr or check the data (train.max_nonfinite_steps sets the limit)"
             )
 
     def _after_step(self, metrics: dict) -> None:
@@ -182,6 +170,8 @@ class TrainRecipe:
         self._report(metrics, save)
 
     def _report(self, metrics: dict, save: bool) -> None:
+        if save:  # DDP keeps the replicas identical; each checkpoint checks it (every rank takes part)
+            metrics["replica_param_spread"] = replica_spread(self.raw, self.device)
         if self.logger is not None:
             self.logger.metrics(metrics, step=self.state.step)
         if not save:

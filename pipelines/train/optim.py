@@ -1,8 +1,9 @@
-"""Optimisation settings of the loop: AdamW over the model's parameter groups, warm-up + cosine, autocast dtype."""
+"""Optimisation in the loop: AdamW over the model's parameter groups, warm-up + cosine, the guarded step, autocast."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import partial
 
 import torch
@@ -26,6 +27,32 @@ def make_optimizer(
     opt = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps)
     schedule = partial(lr_factor, warmup_steps=t.warmup_steps, max_steps=t.max_steps, min_lr_ratio=t.min_lr_ratio)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def clip_and_step(
+    params: Iterable[torch.nn.Parameter],
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    grad_clip: float,
+    *,
+    skip: bool = False,
+) -> float | None:
+    """Clip the gradients to `grad_clip` (0: no clipping) and take one optimizer + schedule step.
+
+    The step is skipped when `skip` (a non-finite loss on some worker) or when the gradient norm is not
+    finite: a finite loss can still overflow in backward, and stepping would write inf/NaN into the weights
+    and AdamW's moments. The gradient norm is computed after DDP's all-reduce, so every worker decides alike.
+    Returns the pre-clip gradient norm, or None when skipped; the gradients are cleared either way.
+    """
+    norm = None
+    if not skip:
+        total = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        if torch.isfinite(total):
+            opt.step()
+            sched.step()
+            norm = float(total)
+    opt.zero_grad(set_to_none=True)
+    return norm
 
 
 def autocast_dtype(t: TrainConfig, device: torch.device) -> torch.dtype | None:

@@ -179,6 +179,32 @@ def test_kill9_then_restart_resumes_in_the_same_mlflow_run(preprocessed, ray_ses
     assert all(steps.count(s) == 1 for s in range(1, saved + 1))
 
 
+def _with_one_nan_caption(tokens_dir: Path, out: Path, copies: int = 4) -> str:
+    """A copy of the token rows in which one training clip's caption embedding is NaN (a corrupt row), and the
+    other training clips repeat `copies` times (as other tracks), so that a worker's shard is more than that clip."""
+    import pyarrow.parquet as pq
+
+    from pipelines.preprocess.tokens import PART_GLOB, tokens_table, write_part
+
+    rows = [r for part in sorted(tokens_dir.glob(PART_GLOB)) for r in pq.read_table(part).to_pylist()]
+    bad = next(r for r in rows if r["split"] == "train")
+    bad["text_emb"] = np.full_like(np.asarray(bad["text_emb"], dtype=np.float16), np.nan)
+    clean = [r for r in rows if r["split"] == "train" and r is not bad]
+    rows += [{**r, "track_id": f"{r['track_id']}_copy{k}"} for k in range(1, copies) for r in clean]
+    write_part(tokens_table(rows), out)
+    return bad["track_id"]
+
+
+def _alarm(seconds: int):
+    """Fail (TimeoutError) instead of hanging when a collective never completes."""
+
+    def fire(*_):
+        raise TimeoutError(f"training did not finish within {seconds} s: a worker is stuck in a collective")
+
+    signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+
+
 def test_two_workers_train_with_ddp(preprocessed, ray_session, tmp_path):
     """train.num_workers=2: two Ray Train workers (gloo DDP on CPU) with their own data shards."""
     from mlflow.tracking import MlflowClient
@@ -190,3 +216,32 @@ def test_two_workers_train_with_ddp(preprocessed, ray_session, tmp_path):
     assert [m.step for m in client.get_metric_history(out.run_id, "train_loss")] == [1, 2, 3, 4]
     assert len(client.get_metric_history(out.run_id, "val_loss")) == 2
     assert out.result.checkpoint is not None
+    spread = client.get_metric_history(out.run_id, "replica_param_spread")  # checked at the final checkpoint
+    assert [(m.step, m.value) for m in spread] == [(4, 0.0)]  # the two replicas are bit-identical
+
+
+def test_a_nan_loss_on_one_ddp_worker_skips_the_step_on_both(preprocessed, ray_session, tmp_path):
+    """One training clip has a NaN caption embedding, so one worker's loss is not finite while the other's is:
+    both must still take part in DDP's gradient all-reduce (no hang), skip that step, and stay identical."""
+    from mlflow.tracking import MlflowClient
+
+    base, _ = preprocessed
+    tokens = tmp_path / "tokens"
+    _with_one_nan_caption(Path(base.data.tokens_dir), tokens)
+    # grad_accum 1: every micro-batch syncs, so a worker that skipped backward would hang the other at once
+    # 12 steps: more than an epoch of either worker's shard, so the NaN clip is met
+    cfg = _train_cfg(preprocessed, tmp_path, "train.num_workers=2", "train.batch_size=1", "train.max_steps=12",
+                     "train.grad_accum=1", "train.val_every=0", "train.generate_every=0", "name=ddp-nan",
+                     "train.checkpoint_every=6", f"data.tokens_dir={tokens}")  # fmt: skip
+    _alarm(300)
+    try:
+        out = run_training(cfg)
+    finally:
+        signal.alarm(0)
+    client = MlflowClient(out.tracking_uri)
+    losses = client.get_metric_history(out.run_id, "train_loss")
+    assert [m.step for m in losses] == list(range(1, 13)) and all(math.isfinite(m.value) for m in losses)
+    skipped = [m.value for m in client.get_metric_history(out.run_id, "nonfinite_skipped")]
+    assert skipped[-1] >= 1, "the NaN clip was never met: the test lost its point"
+    spread = client.get_metric_history(out.run_id, "replica_param_spread")
+    assert [(m.step, m.value) for m in spread] == [(6, 0.0), (12, 0.0)]
