@@ -61,8 +61,13 @@ def _read(path: Path) -> DictConfig:
     return node
 
 
-def load_file(path: str | Path, _children: tuple[Path, ...] = ()) -> dict[str, Any]:
+def load_file(path: str | Path) -> dict[str, Any]:
     """The file's sections merged over its base's (recursively), as plain dicts; `base` is removed."""
+    return _plain_container(_load_node(path), path)
+
+
+def _load_node(path: str | Path, _children: tuple[Path, ...] = ()) -> DictConfig:
+    """The file merged over its base chain, interpolations left unresolved until the config is complete."""
     resolved = resolve_config_path(path).resolve()
     if resolved in _children:
         chain = " -> ".join(str(p.name) for p in (*_children, resolved))
@@ -78,16 +83,15 @@ def load_file(path: str | Path, _children: tuple[Path, ...] = ()) -> dict[str, A
             base_path = resolve_config_path(base, relative_to=resolved.parent)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{resolved}: base {e}") from None
-        parent = OmegaConf.create(load_file(base_path, (*_children, resolved)))
-        node = _merge(parent, node, resolved)
-    return _plain_container(node, resolved)
+        node = _merge(_load_node(base_path, (*_children, resolved)), node, resolved)
+    return node
 
 
 def _merge(base: DictConfig, over: DictConfig, where: object) -> DictConfig:
     try:
         return OmegaConf.merge(base, over)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{where}: cannot merge over its base: {e}") from None
+        raise ConfigError(f"{where}: cannot merge: {e}") from None
 
 
 def _plain_container(node: DictConfig, where: object) -> dict[str, Any]:
@@ -105,9 +109,12 @@ def apply_overrides(
     `model.attn_layers=[3,7]`, `train.lr=3e-4`, `model.arch=transformer`, `name=foo`. Keys are checked
     against `schema` (None: not checked here); values are checked when the config is built.
     """
+    return _plain_container(_apply(OmegaConf.create(dict(raw)), overrides, schema), "overrides")
+
+
+def _apply(node: DictConfig, overrides: Sequence[str], schema: type | None) -> DictConfig:
     if isinstance(overrides, str):  # a lone "a.b=c" would otherwise be iterated character by character
         overrides = [overrides]
-    merged = OmegaConf.create(dict(raw))
     for item in overrides:
         key, sep, _ = item.partition("=")
         key = key.strip()
@@ -121,14 +128,16 @@ def apply_overrides(
             raise ConfigError(f"override {item!r}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
-        merged = _merge(merged, parsed, f"override {item!r}")
-    return _plain_container(merged, "overrides")
+        node = _merge(node, parsed, f"override {item!r}")
+    return node
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML config (None: the defaults, i.e. the paper's setup), apply overrides, validate.
 
+    Interpolations (`${model.d_model}`) are resolved once, after the base chain and the overrides are merged.
     Raises ConfigError naming the offending dotted key; FileNotFoundError for a missing file.
     """
-    raw = load_file(path) if path is not None else {}
-    return ExperimentConfig.from_dict(apply_overrides(raw, overrides))
+    node = _load_node(path) if path is not None else OmegaConf.create({})
+    node = _apply(node, overrides, ExperimentConfig)
+    return ExperimentConfig.from_dict(_plain_container(node, path or "overrides"))

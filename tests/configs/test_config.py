@@ -409,3 +409,12 @@ def test_info_prints_the_resolved_config_and_rejects_bad_keys(capsys):
     assert printed["mlflow"] == load_config("paper").to_dict()["mlflow"]  # inherited, written out in full
     assert info.main(["--config", "small", "model.d_stat=3"]) == 2
     assert "did you mean 'model.d_state'?" in capsys.readouterr().err
+
+
+def test_interpolation_resolves_against_the_final_config(tmp_path):
+    """A reference in a base follows what a child file or an override sets, as in Hydra: resolved once, last."""
+    base = _write(tmp_path / "b.yaml", "base: debug\nmodel:\n  mlp_dim: ${model.d_model}\n")
+    child = _write(tmp_path / "c.yaml", "base: b.yaml\nmodel:\n  d_model: 128\n")
+    assert load_config(child).model.mlp_dim == 128
+    assert load_config(base, ["model.d_model=96"]).model.mlp_dim == 96
+    assert load_file(child)["model"]["mlp_dim"] == 128
