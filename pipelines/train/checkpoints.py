@@ -155,8 +155,7 @@ def save_checkpoint(
 
 def load_checkpoint(directory: Path, model: TextToMusicLM, opt, sched) -> TrainState:
     """Restore weights, optimizer, schedule and RNG (weights_only: a checkpoint never runs code)."""
-    weights = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(weights["model"])
+    model.load_state_dict(_load(directory / MODEL_FILE)["model"])
     saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     opt.load_state_dict(saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
