@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import typing
 from collections.abc import Mapping
 from dataclasses import field
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any, ClassVar, Literal
 import pydantic
 import yaml
 
-from configs.validation import Bool, ConfigError, Float, Int, Section, config_error, plain, section
+from configs.validation import Bool, ConfigError, Float, Int, Section, config_error, field_types, plain, section
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DAC_N_CODEBOOKS = 9  # DAC 44.1 kHz: 9 residual codebooks of 1024 entries
@@ -325,7 +324,7 @@ class ExperimentConfig(Section):
             data = {}
         if not isinstance(data, Mapping):
             raise ConfigError(f"the config expects a mapping of sections, got {data!r}")
-        sections = {name for name, tp in typing.get_type_hints(cls).items() if dataclasses.is_dataclass(tp)}
+        sections = {name for name, tp in field_types(cls).items() if dataclasses.is_dataclass(tp)}
         data = {k: {} if v is None and k in sections else v for k, v in data.items()}
         try:
             return pydantic.TypeAdapter(cls).validate_python(data)

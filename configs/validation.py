@@ -83,7 +83,7 @@ def _field_names(cls: type) -> list[str]:
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)  # Annotated[...] stripped: `Int` reads as `int` in messages
 
 
@@ -93,7 +93,7 @@ def _child_type(tp: Any, part: str | int) -> Any:
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
         tp, args = args[0], list(typing.get_args(args[0]))  # X | None: walk into X
     if dataclasses.is_dataclass(tp) and isinstance(part, str):
-        return _hints(tp).get(part)
+        return field_types(tp).get(part)
     if isinstance(part, int) and typing.get_origin(tp) is list:
         return args[0]
     if isinstance(part, int) and typing.get_origin(tp) is tuple:
@@ -187,4 +187,4 @@ def check_key_path(parts: list[str], schema: type) -> None:
         names = _field_names(cls)
         if part not in names:
             raise unknown_key(part, names, prefix)
-        cls = _hints(cls)[part]
+        cls = field_types(cls)[part]
