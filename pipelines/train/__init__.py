@@ -2,7 +2,8 @@
 
 driver.py      check_before_ray, run_training: the TorchTrainer around the loop (the MLflow run, the datasets)
 loop.py        train_loop_per_worker: setup -> train -> save -> cleanup, as a recipe
-optim.py       AdamW parameter groups, warm-up + cosine schedule, autocast dtype
+step.py        one optimizer step's gradient: the per-token mean loss over micro-batches and workers
+optim.py       AdamW parameter groups, warm-up + cosine schedule, the guarded step, autocast dtype
 validation.py  validation loss; samples.py: rank 0's periodic WAV + spectrogram samples
 checkpoints.py model.pt (what generate loads) and the training state a resume restores
 dataset.py     token Parquet -> Ray Data -> padded batches; tracking.py: MLflow; distributed.py: DDP helpers

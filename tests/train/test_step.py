@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.multiprocessing as mp
 
+from pipelines.train.checkpoints import unwrap
 from pipelines.train.step import StepStats, micro_batch_backward, scale_to_token_mean
 from tests.conftest import random_text, tiny_model
 
@@ -38,8 +39,7 @@ def _grads(model, micro_batches: list[list[int]], world: int = 1, sync_last_only
         sync = not sync_last_only or n == len(micro_batches) - 1
         micro_batch_backward(model, _rows(rows), stats, pad_id=PAD, label_smoothing=0.1, amp=None, sync=sync)
     step = stats.reduced(torch.device("cpu"))
-    params = model.module.parameters() if hasattr(model, "module") else model.parameters()
-    params = list(params)
+    params = list(unwrap(model).parameters())
     scale_to_token_mean(params, step, world)
     grads = [p.grad.clone() for p in params]
     for p in params:
