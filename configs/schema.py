@@ -211,9 +211,13 @@ class TrainConfig(Section):
     max_failures: Int = 2  # Ray Train restarts a crashed worker group this often (from the last checkpoint)
     storage_path: str = "runs"
     seed: Int = 0
+    ema_decay: Float = 0.0  # 0 = off (paper); e.g. 0.99 (MusicGen): samples, best/ and model.pt use the EMA weights
+    log_every: Int = 10  # optimizer steps between progress lines (MLflow gets every step)
+    peak_tflops: Float = 0.0  # per worker, for MFU; 0 = the datasheet figure of a known GPU, else a measured matmul
 
     def _validate(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_steps", "num_workers", "checkpoint_every", "keep_checkpoints"):
+        for name in ("batch_size", "grad_accum", "max_steps", "num_workers", "checkpoint_every", "keep_checkpoints",
+                     "log_every"):  # fmt: skip
             self._require(name, getattr(self, name) >= 1, ">= 1")
         for name in (
             "warmup_steps",
@@ -223,8 +227,10 @@ class TrainConfig(Section):
             "max_failures",
             "weight_decay",
             "grad_clip",
+            "peak_tflops",
         ):
             self._require(name, getattr(self, name) >= 0, ">= 0")
+        self._require("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1)")
         self._require("lr", self.lr > 0.0, "> 0")
         self._require("eps", self.eps > 0.0, "> 0")
         self._require("betas", all(0.0 <= b < 1.0 for b in self.betas), "two values in [0, 1)")

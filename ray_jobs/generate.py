@@ -2,7 +2,8 @@
 
 Sampling options default to the checkpoint's own `generation` config, and the text encoder and codec to its
 `preprocess.text_encoder` / `preprocess.codec` (paths relative to the working directory). `--checkpoint`
-takes a model file, a checkpoint directory or a whole training run folder (its highest step is used).
+takes a model file, a checkpoint directory or a whole training run folder: its highest step, or with
+`--pick best` the checkpoint of its lowest validation loss.
 Runs where it is started: `ray job submit ... -- simba-ttm generate ... --device cuda` runs it on a GPU box.
 """
 
@@ -33,6 +34,12 @@ def _read_prompts(path: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="model.pt, a checkpoint directory, or a run folder")
+    parser.add_argument(
+        "--pick",
+        choices=["last", "best"],
+        default="last",
+        help="in a run folder: the highest step (last) or the lowest validation loss (best)",
+    )
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a caption (repeat for several)")
     prompts.add_argument("--prompts", metavar="FILE", help="a text file with one caption per non-empty line")
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("no prompts: give non-empty --prompt TEXT or a --prompts FILE with one caption per line")
 
     try:
-        model, cfg, step = load_model(args.checkpoint, device=device)
+        model, cfg, step = load_model(args.checkpoint, device=device, pick=args.pick)
         given = {
             name: getattr(args, name)
             for name in ("seconds", "cfg_scale", "top_k", "top_p", "temperature", "seed", "batch_size", "compile")

@@ -50,12 +50,13 @@ def arch(request) -> str:
 def start_local_ray():
     """A local Ray runtime for this test process (kept across modules: ray.init costs seconds).
 
-    4 logical CPUs on a 2-core machine: a second multi-worker job can deadlock with exactly 2.
+    4 logical CPUs on a 2-core machine: a second multi-worker job can deadlock with exactly 2. address="local":
+    always a new instance, never the cluster that a `ray start` elsewhere on the machine last recorded.
     """
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
 

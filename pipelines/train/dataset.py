@@ -1,25 +1,35 @@
-"""Training data: token Parquet -> Ray Data -> padded torch batches.
+"""Training data: the token Parquet -> one split in memory -> seeded, rank-disjoint, resumable micro-batches.
 
 A training sequence is [BOS, c_1 .. c_F] of one DAC codebook (codebook 0 by default), cut to the first
 `max_frames` frames (2588 in the paper, ~30.05 s) and right-padded with the pad id; inputs are the sequence
 without its last token and targets the sequence without BOS, so padded positions are ignored by the loss.
 Text is the cached Flan-T5 output, right-padded to the longest caption of the batch.
+
+Why not a streaming Ray Dataset per worker: an exact resume and a run that repeats itself under the same seed
+need the data order to be a function of (seed, epoch, rank, world size) alone, and a streaming split's order
+depends on which read task finishes first; every epoch also restarts a streaming execution (seconds each).
+A split is small next to the model's working set: codebook 0 of 54k paper clips is 280 MB as int16, and the
+unpadded caption embeddings ~2-3 GB as fp16. So each worker reads its split once (`TokenSplit.read`) and
+`EpochBatches` addresses it by row: epoch e visits the rows in the permutation seeded by (seed, e), rank r of
+w takes every w-th row of it (disjoint shards, equal length, so DDP's collectives stay in step), and a resumed
+run starts at the micro-batch it had reached.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 import torch
 
 from pipelines.preprocess.tokens import PART_GLOB
 
-COLUMNS = ["codes", "n_frames", "text_emb", "text_len", "split"]
+COLUMNS = ["track_id", "codes", "text_emb", "split"]
+READ_BATCH_ROWS = 256  # rows per Arrow batch while reading: bounds the transient memory of the nested codes
 
 
 def token_files(tokens_dir: str | Path) -> list[str]:
@@ -30,33 +40,94 @@ def token_files(tokens_dir: str | Path) -> list[str]:
     return files
 
 
-def to_training_rows(
-    batch: pa.Table, *, codebook: int, max_frames: int, pad_id: int, split: str
-) -> dict[str, np.ndarray]:
-    """Arrow batch of token rows -> {"tokens": (B, max_frames + 1) int64, "text": ragged (S_i, D) float16}.
+def count_split(tokens_dir: str | Path, split: str) -> int:
+    """Rows of a split, read from one string column (cheap)."""
+    return sum(
+        pc.sum(pc.equal(pq.read_table(f, columns=["split"]).column("split"), split)).as_py() or 0
+        for f in token_files(tokens_dir)
+    )
 
-    Rows of other splits are dropped here, so one read serves both the train and the validation dataset.
+
+@dataclass
+class TokenSplit:
+    """One split of the token table in memory, addressable by row.
+
+    tokens: (N, max_frames + 1) int16, BOS then the frames then padding; text: all caption embeddings
+    stacked (sum of S_i, D) float16, row i being text[text_offsets[i] : text_offsets[i + 1]].
+    Rows are in file order, then row order within a file: the same on every worker and every run.
     """
-    batch = batch.filter(pc.equal(batch.column("split"), split))
-    n = batch.num_rows
-    tokens = np.full((n, max_frames + 1), pad_id, dtype=np.int64)
-    tokens[:, 0] = pad_id  # BOS shares the pad id
-    codes = pc.list_element(batch.column("codes"), codebook)  # list<int16> per row: one codebook
-    for i, row in enumerate(codes.to_numpy(zero_copy_only=False)):
-        frames = np.asarray(row[:max_frames], dtype=np.int64)
-        tokens[i, 1 : 1 + len(frames)] = frames
-    text = np.empty(n, dtype=object)
-    for i, emb in enumerate(batch.column("text_emb").to_pylist()):
-        text[i] = np.asarray(emb, dtype=np.float16)  # (S_i, D)
-    return {"tokens": tokens, "text": text}
+
+    track_ids: np.ndarray  # (N,) str
+    tokens: np.ndarray
+    text: np.ndarray
+    text_offsets: np.ndarray  # (N + 1,) int64
+
+    def __len__(self) -> int:
+        return len(self.track_ids)
+
+    @classmethod
+    def read(cls, tokens_dir: str | Path, split: str, *, codebook: int, max_frames: int, pad_id: int) -> TokenSplit:
+        """Rows of `split` ("train" or "val") of the token parts in `tokens_dir`."""
+        ids: list[str] = []
+        tokens: list[np.ndarray] = []
+        texts: list[np.ndarray] = []
+        lengths: list[np.ndarray] = []
+        for file in token_files(tokens_dir):
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=READ_BATCH_ROWS, columns=COLUMNS):
+                batch = batch.filter(pc.equal(batch.column("split"), split))
+                if batch.num_rows == 0:
+                    continue
+                ids += batch.column("track_id").to_pylist()
+                tokens.append(_sequences(batch.column("codes"), codebook, max_frames, pad_id))
+                text, length = _captions(batch.column("text_emb"))
+                texts.append(text)
+                lengths.append(length)
+        if not ids:
+            empty = np.zeros((0, max_frames + 1), np.int16)
+            return cls(np.array([], dtype=object), empty, np.zeros((0, 0), np.float16), np.zeros(1, np.int64))
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(np.concatenate(lengths), out=offsets[1:])
+        return cls(np.array(ids, dtype=object), np.concatenate(tokens), np.concatenate(texts), offsets)
+
+    def batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Numpy micro-batch of `rows`: tokens (B, T+1) int64, text (ragged (S_i, D) float16), index, track_id."""
+        text = np.empty(len(rows), dtype=object)
+        text[:] = [self.text[self.text_offsets[i] : self.text_offsets[i + 1]] for i in rows]
+        return {
+            "tokens": self.tokens[rows].astype(np.int64),
+            "text": text,
+            "index": np.asarray(rows, dtype=np.int64),
+            "track_id": self.track_ids[rows],
+        }
+
+
+def _sequences(codes, codebook: int, max_frames: int, pad_id: int) -> np.ndarray:
+    """list<list<int16>> codes (rows of n_codebooks x F) -> (B, max_frames + 1) int16 [BOS, frames, pad...]."""
+    one = pc.list_element(codes, codebook)  # list<int16> per row
+    offsets = one.offsets.to_numpy()
+    values = one.values.to_numpy(zero_copy_only=False)
+    out = np.full((len(one), max_frames + 1), pad_id, dtype=np.int16)  # BOS shares the pad id
+    for i in range(len(one)):
+        frames = values[offsets[i] : min(offsets[i + 1], offsets[i] + max_frames)]
+        out[i, 1 : 1 + len(frames)] = frames
+    return out
+
+
+def _captions(text_emb) -> tuple[np.ndarray, np.ndarray]:
+    """list<list<float16>> (rows of S_i x D) -> stacked (sum S_i, D) float16 and the S_i."""
+    lengths = pc.list_value_length(text_emb).to_numpy(zero_copy_only=False).astype(np.int64)
+    vectors = pc.list_flatten(text_emb)  # one list<float16> per caption token
+    flat = pc.list_flatten(vectors).to_numpy(zero_copy_only=False)
+    dim = len(flat) // max(len(vectors), 1)
+    return flat.astype(np.float16, copy=False).reshape(len(vectors), dim), lengths
 
 
 def collate(batch: dict[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Pad text to the batch's longest caption; split the sequences into inputs and targets."""
-    tokens = torch.from_numpy(np.array(list(batch["tokens"]) if batch["tokens"].dtype == object else batch["tokens"]))
+    tokens = torch.from_numpy(np.asarray(batch["tokens"], dtype=np.int64))
     texts = [np.asarray(t) for t in batch["text"]]
     S = max(t.shape[0] for t in texts)
-    D = texts[0].shape[1]
+    D = max(t.shape[1] for t in texts)
     text = torch.zeros(len(texts), S, D, dtype=torch.float32)
     mask = torch.zeros(len(texts), S, dtype=torch.bool)
     for i, t in enumerate(texts):
@@ -66,60 +137,50 @@ def collate(batch: dict[str, np.ndarray], device: torch.device | str = "cpu") ->
     return {k: v.to(device) for k, v in out.items()}
 
 
-def read_split(tokens_dir: str | Path, split: str, *, codebook: int, max_frames: int, pad_id: int):
-    """A Ray Dataset of training rows of one split ("train" or "val")."""
-    ds = ray.data.read_parquet(token_files(tokens_dir)).select_columns(COLUMNS)
-    return ds.map_batches(
-        to_training_rows,
-        batch_format="pyarrow",
-        fn_kwargs=dict(codebook=codebook, max_frames=max_frames, pad_id=pad_id, split=split),
-    )
+def rank_rows(
+    n: int, *, epoch: int, seed: int, rank: int, world: int, batch_size: int, shuffle: bool = True,
+    drop_last: bool = True,
+) -> np.ndarray:  # fmt: skip
+    """The rows rank `rank` of `world` visits in `epoch`, in order.
 
-
-def count_split(tokens_dir: str | Path, split: str) -> int:
-    """Rows of a split, read from the Parquet footers' column (cheap: one string column)."""
-    return sum(
-        pc.sum(pc.equal(pq.read_table(f, columns=["split"]).column("split"), split)).as_py() or 0
-        for f in token_files(tokens_dir)
-    )
+    shuffle: the epoch's order is the permutation seeded by (seed, epoch); else row order.
+    drop_last: every rank gets the same whole number of micro-batches (the tail of the order is left out this
+    epoch; a fresh permutation next epoch leaves out other rows), else rank r gets every row r, r + w, ...
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    mine = order[rank::world]
+    if drop_last:
+        per_rank = (n // world) // batch_size * batch_size
+        mine = mine[:per_rank]
+    return mine
 
 
 class EpochBatches:
-    """Micro-batches of one worker's shard, epoch by epoch.
+    """Micro-batches of one worker's share of a split, epoch by epoch (see the module docstring)."""
 
-    Each epoch of a Ray Data shard starts a streaming execution, which costs seconds: nothing next to an
-    epoch of MTG-Jamendo, but everything on a demo corpus. So a shard with at most `cache_rows` rows is kept
-    in memory after its first epoch and later epochs are reshuffled from memory (seeded by the epoch, so a
-    resumed run replays the same order). Larger shards stream every epoch.
-    """
-
-    def __init__(self, shard, batch_size: int, *, cache_rows: int = 4096, seed: int = 0, drop_last: bool = True):
-        self.shard = shard
+    def __init__(
+        self, split: TokenSplit, batch_size: int, *, seed: int = 0, rank: int = 0, world: int = 1,
+        shuffle: bool = True, drop_last: bool = True,
+    ):  # fmt: skip
+        self.split = split
         self.batch_size = batch_size
-        self.cache_rows = cache_rows
-        self.seed = seed
-        self.drop_last = drop_last
-        self.rows: dict[str, np.ndarray] | None = None
+        self.seed, self.rank, self.world = seed, rank, world
+        self.shuffle, self.drop_last = shuffle, drop_last
 
-    def epoch(self, epoch: int):
-        """Yield numpy batches {"tokens": (B, T+1), "text": ragged} for `epoch`."""
-        if self.rows is not None:
-            n = len(self.rows["tokens"])
-            order = np.random.default_rng([self.seed, epoch]).permutation(n)
-            stop = n - n % self.batch_size if self.drop_last else n
-            for i in range(0, stop, self.batch_size):
-                idx = order[i : i + self.batch_size]
-                yield {k: v[idx] for k, v in self.rows.items()}
-            return
-        seen: list[dict[str, np.ndarray]] = []
-        count = 0
-        for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=False):
-            count += len(batch["tokens"])
-            if count <= self.cache_rows:
-                seen.append(batch)
-            if len(batch["tokens"]) == self.batch_size or not self.drop_last:
-                yield batch
-        if seen and count <= self.cache_rows:
-            text = np.empty(count, dtype=object)
-            text[:] = [t for b in seen for t in b["text"]]
-            self.rows = {"tokens": np.concatenate([np.asarray(list(b["tokens"])) for b in seen]), "text": text}
+    def rows(self, epoch: int) -> np.ndarray:
+        return rank_rows(len(self.split), epoch=epoch, seed=self.seed, rank=self.rank, world=self.world,
+                         batch_size=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last)  # fmt: skip
+
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.rows(0)) // self.batch_size)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Numpy micro-batches of `epoch` from micro-batch `start` on (a resumed run skips what it consumed)."""
+        rows = self.rows(epoch)
+        if self.drop_last and len(rows) == 0:
+            raise ValueError(
+                f"{len(self.split)} rows cannot fill one micro-batch of {self.batch_size} on each of {self.world} "
+                "workers: lower train.batch_size or preprocess more data"
+            )
+        for i in range(start * self.batch_size, len(rows), self.batch_size):
+            yield self.split.batch(rows[i : i + self.batch_size])

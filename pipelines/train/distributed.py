@@ -29,3 +29,16 @@ def replica_spread(model: nn.Module, device: torch.device) -> float:
 def no_sync_unless(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     """DDP's `no_sync()` (this backward skips the gradient all-reduce) unless `sync`; a no-op context otherwise."""
     return model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+def shard_overlap(rows: list[int]) -> int:
+    """Rows consumed by more than one worker, from every worker's `rows` (0 while the shards are disjoint)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0
+    everyone: list[list[int] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, rows)
+    counts: dict[int, int] = {}
+    for worker_rows in everyone:
+        for row in set(worker_rows):
+            counts[row] = counts.get(row, 0) + 1
+    return sum(1 for c in counts.values() if c > 1)

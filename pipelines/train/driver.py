@@ -1,8 +1,9 @@
 """The training driver: checks, the MLflow run, and Ray Train's TorchTrainer around `train_loop_per_worker`.
 
 `check_before_ray` answers what can be known without Ray (data present, enough rows); `run_training` resolves
-paths, finds or creates the MLflow run (a restart continues it), reads the token splits with Ray Data and fits
-the TorchTrainer, which restarts a crashed worker group from the latest checkpoint.
+paths, finds or creates the MLflow run (a restart continues it) and fits the TorchTrainer, which restarts a
+crashed worker group from the latest checkpoint. Each worker reads the token splits itself
+(`dataset.TokenSplit`), so the data order is a function of the seed and the position alone.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ray.train.torch import TorchTrainer
 
 from configs.schema import ConfigError, ExperimentConfig
 from pipelines.runtime import absolute_paths, ensure_ray
-from pipelines.train.dataset import count_split, read_split, token_files
+from pipelines.train.dataset import count_split, token_files
 from pipelines.train.loop import train_loop_per_worker
 from pipelines.train.tracking import RunLogger, resolve_tracking_uri, start_or_resume_run
 
@@ -46,7 +47,9 @@ def check_before_ray(cfg: ExperimentConfig) -> tuple[int, int]:
 def run_training(cfg: ExperimentConfig, *, local_mode: bool = False) -> TrainingOutcome:
     """Train `cfg` on the connected Ray cluster (a local one when none).
 
-    local_mode runs the loop in this process (ScalingConfig(num_workers=0)): fast, no fault tolerance.
+    local_mode runs the loop in this process (ScalingConfig(num_workers=0)): fast, no restart after a crash.
+    Ray Train does not persist a local-mode checkpoint, so the loop writes them into the run folder itself
+    (`checkpoint_local_<step>`) and a local-mode run started again continues from the latest.
     """
     cfg = absolute_paths(cfg)
     n_train, n_val = check_before_ray(cfg)
@@ -64,12 +67,15 @@ def run_training(cfg: ExperimentConfig, *, local_mode: bool = False) -> Training
     resolved = cfg.dump_yaml(Path(storage) / cfg.name / "config.yaml")
     run_id = start_or_resume_run(cfg, str(Path(storage) / cfg.name), uri, config_yaml=resolved)
 
-    datasets = {"train": read_split(cfg.data.tokens_dir, "train", **_split_kwargs(cfg))}
-    if cfg.train.val_every > 0:
-        datasets["val"] = read_split(cfg.data.tokens_dir, "val", **_split_kwargs(cfg))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri},
+        train_loop_config={
+            "experiment": cfg.to_dict(),
+            "run_id": run_id,
+            "tracking_uri": uri,
+            "run_dir": str(Path(storage) / cfg.name),  # where best/ (and local-mode checkpoints) go
+            "local_mode": local_mode,
+        },
         scaling_config=ray.train.ScalingConfig(num_workers=0 if local_mode else cfg.train.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
             name=cfg.name,
@@ -77,7 +83,6 @@ def run_training(cfg: ExperimentConfig, *, local_mode: bool = False) -> Training
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
-        datasets=datasets,
     )
     print(f"training {cfg.model.arch} '{cfg.name}' on {n_train} clips ({n_val} validation); MLflow run {run_id}")
     try:
@@ -88,7 +93,3 @@ def run_training(cfg: ExperimentConfig, *, local_mode: bool = False) -> Training
     if result.error is not None:
         raise result.error
     return TrainingOutcome(result=result, run_id=run_id, tracking_uri=uri, config=cfg)
-
-
-def _split_kwargs(cfg: ExperimentConfig) -> dict:
-    return dict(codebook=cfg.data.codebook, max_frames=cfg.data.max_frames, pad_id=cfg.model.pad_id)

@@ -4,12 +4,13 @@ It reads as a recipe, top to bottom: setup (seed, model, optimizer, resume from 
 shards, MLflow logger) -> train (gradient accumulation, clipping, warm-up + cosine, bf16 autocast on CUDA;
 validate / generate / checkpoint every N optimizer steps) -> save (the final model, to MLflow) -> cleanup.
 Rank 0 logs to MLflow. A checkpoint holds the model (`model.pt`, what `simba-ttm generate` loads) and the
-training state (`state.pt`: optimizer, scheduler, step, data position, RNG); Ray Train restarts a crashed run
+training state (`state.pt`: optimizer, scheduler, step, data position); Ray Train restarts a crashed run
 from the latest one. Checkpoint I/O, validation and samples live in their own modules.
 """
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import shutil
 import sys
@@ -23,12 +24,23 @@ import torch
 
 from configs.schema import ExperimentConfig
 from modeling.builders import build_model
-from pipelines.train.checkpoints import TrainState, load_checkpoint, save_checkpoint, save_model
-from pipelines.train.dataset import EpochBatches, collate
-from pipelines.train.distributed import replica_spread
+from pipelines.train.checkpoints import (
+    BEST_DIR,
+    LOCAL_CHECKPOINT_PREFIX,
+    TrainState,
+    latest_local_checkpoint,
+    load_checkpoint,
+    prune_local_checkpoints,
+    save_checkpoint,
+    save_model,
+)
+from pipelines.train.dataset import EpochBatches, TokenSplit, collate
+from pipelines.train.distributed import replica_spread, shard_overlap
+from pipelines.train.ema import EMA
 from pipelines.train.optim import autocast_dtype, clip_and_step, make_optimizer
+from pipelines.train.progress import Progress, peak_flops, train_flops_per_token
 from pipelines.train.samples import SampleWriter
-from pipelines.train.step import StepStats, micro_batch_backward, scale_to_token_mean
+from pipelines.train.step import StepStats, micro_batch_backward, scale_to_token_mean, seed_micro_batch
 from pipelines.train.tracking import RunLogger
 from pipelines.train.validation import validate
 
@@ -61,17 +73,22 @@ class TrainRecipe:
         cfg, t = self.cfg, self.cfg.train
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        torch.manual_seed(t.seed + self.rank)
         self.device = ray.train.torch.get_device()
         self.amp = autocast_dtype(t, self.device)
 
+        torch.manual_seed(t.seed)  # the same initial weights on every worker (DDP also broadcasts rank 0's)
         self.raw = build_model(cfg.model).to(self.device)
         self.opt, self.sched = make_optimizer(self.raw, t)
+        self.ema = EMA(self.raw, t.ema_decay) if t.ema_decay > 0 else None
         self.state = TrainState()
+        self.run_dir = Path(self.config["run_dir"]) if self.config.get("run_dir") else None
+        self.local_mode = bool(self.config.get("local_mode"))
         checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and self.local_mode:  # Ray Train does not keep local-mode checkpoints: we do
+            checkpoint = latest_local_checkpoint(self.run_dir)
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                self.state = load_checkpoint(Path(d), self.raw, self.opt, self.sched)
+                self.state = load_checkpoint(Path(d), self.raw, self.opt, self.sched, self.ema)
             print(f"[rank {self.rank}] resumed from step {self.state.step} (epoch {self.state.epoch})", file=sys.stderr)
         self.model = ray.train.torch.prepare_model(self.raw) if self.world > 1 else self.raw
 
@@ -82,10 +99,23 @@ class TrainRecipe:
         if self.logger is not None and checkpoint is not None:
             self.logger.metrics({"resumed_from_step": self.state.step}, step=self.state.step)
         self.sampler = SampleWriter(cfg, self.device) if self.rank == 0 and t.generate_every > 0 else None
-        self.train_batches = EpochBatches(ray.train.get_dataset_shard("train"), t.batch_size, seed=t.seed + self.rank)
+        read = dict(codebook=cfg.data.codebook, max_frames=cfg.data.max_frames, pad_id=cfg.model.pad_id)
+        shard = dict(rank=self.rank, world=self.world)
+        train_split = TokenSplit.read(cfg.data.tokens_dir, "train", **read)
+        self.train_batches = EpochBatches(train_split, t.batch_size, seed=t.seed, **shard)
         self.val_batches = None
         if t.val_every > 0:
-            self.val_batches = EpochBatches(ray.train.get_dataset_shard("val"), t.batch_size, drop_last=False)
+            val_split = TokenSplit.read(cfg.data.tokens_dir, "val", **read)
+            self.val_batches = EpochBatches(val_split, t.batch_size, shuffle=False, drop_last=False, **shard)
+        # Rows this worker consumed in the current epoch (those before a resume included): checked for overlap
+        # between workers at every checkpoint.
+        done = self.state.batches_in_epoch * t.batch_size
+        self.consumed = list(self.train_batches.rows(self.state.epoch)[:done])
+
+        peak, source = peak_flops(cfg, self.device, self.amp)
+        self.progress = Progress(t.max_steps, train_flops_per_token(cfg, self.raw), peak * self.world, self.state.step)
+        if self.rank == 0:
+            print(f"MFU against {peak / 1e12:.2f} TFLOP/s per worker ({source}) x {self.world} worker(s)", flush=True)
 
     # --- train ----------------------------------------------------------------------------------------------
 
@@ -97,13 +127,13 @@ class TrainRecipe:
         micro, stats = 0, StepStats()
         t_step = time.perf_counter()
         while state.step < t.max_steps:
-            produced = False
-            for i, numpy_batch in enumerate(self.train_batches.epoch(state.epoch)):
-                produced = True
-                if i < state.batches_in_epoch:  # resuming inside an epoch: skip what was consumed
-                    continue
-                state.batches_in_epoch = i + 1
+            for numpy_batch in self.train_batches.epoch(state.epoch, start=state.batches_in_epoch):
+                state.batches_in_epoch += 1
+                self.consumed += numpy_batch["index"].tolist()
                 micro += 1
+                # Dropout and condition dropout draw from a generator seeded by (seed, worker, step, micro-batch):
+                # the same masks in a rerun and after a resume, whatever else (sampling, validation) drew in between.
+                seed_micro_batch(t.seed, self.rank, state.step, micro)
                 micro_batch_backward(
                     model,
                     collate(numpy_batch, device=device),
@@ -125,12 +155,16 @@ class TrainRecipe:
                 else:
                     state.step += 1
                     state.nonfinite_in_row = 0
+                    if self.ema is not None:
+                        self.ema.update(raw)
                     elapsed = time.perf_counter() - t_step
+                    tokens_per_s = step.tokens / max(elapsed, 1e-9)  # over all workers
                     metrics = {
                         "train_loss": step.mean_loss,  # over all workers
                         "lr": sched.get_last_lr()[0],
                         "grad_norm": grad_norm,
-                        "tokens_per_s": step.tokens / max(elapsed, 1e-9),
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": self.progress.mfu(tokens_per_s),
                         "step_time_s": elapsed,
                         "peak_memory_bytes": peak_memory_bytes(device),
                         "nonfinite_skipped": state.nonfinite_total,
@@ -143,10 +177,7 @@ class TrainRecipe:
             else:
                 state.epoch += 1
                 state.batches_in_epoch = 0
-                if not produced:  # (not `step == 0`: a first step skipped for a NaN can end an epoch)
-                    raise RuntimeError(
-                        "the training split produced no batch: is train.batch_size larger than the data?"
-                    )
+                self.consumed = []
 
     def _skip_nonfinite_step(self) -> None:
         """Some worker's loss, or the gradient norm, was not finite: count it; too many in a row stop the run."""
@@ -159,39 +190,61 @@ class TrainRecipe:
                 f"(step {state.step}); lower train.lr or check the data (train.max_nonfinite_steps sets the limit)"
             )
 
+    def _handed_out(self) -> contextlib.AbstractContextManager:
+        """The weights a user gets (validation, samples, best/): the EMA when it is on, else the model's own."""
+        return self.ema.applied(self.raw) if self.ema is not None else contextlib.nullcontext(self.raw)
+
     def _after_step(self, metrics: dict) -> None:
-        """Validate, generate samples and checkpoint when their intervals say so; report the step's metrics."""
+        """Validate (keeping the best model), generate samples and checkpoint when their intervals say so; report
+        the step's metrics; print the progress line."""
         t, state = self.cfg.train, self.state
         if self.val_batches is not None and state.step % t.val_every == 0:
-            metrics["val_loss"] = validate(self.model, self.val_batches, self.device, self.amp)
+            with self._handed_out() as model:
+                metrics["val_loss"] = validate(model, self.val_batches, self.device, self.amp)
+                if metrics["val_loss"] < state.best_val_loss:  # the same value on every worker (all-reduced)
+                    state.best_val_loss = metrics["val_loss"]
+                    if self.rank == 0 and self.run_dir is not None:
+                        save_model(self.run_dir / BEST_DIR, model, self.cfg, state.step, val_loss=metrics["val_loss"])
         if self.sampler is not None and (state.step % t.generate_every == 0 or state.step == t.max_steps):
-            self.sampler(self.raw, state.step, self.logger)
+            with self._handed_out() as model:
+                self.sampler(model, state.step, self.logger)
+        if self.rank == 0 and (state.step % t.log_every == 0 or state.step == t.max_steps):
+            print(self.progress.line(state.step, metrics), flush=True)
         save = state.step % t.checkpoint_every == 0 or state.step == t.max_steps
         self._report(metrics, save)
 
     def _report(self, metrics: dict, save: bool) -> None:
         if save:  # DDP keeps the replicas identical; each checkpoint checks it (every rank takes part)
             metrics["replica_param_spread"] = replica_spread(self.raw, self.device)
+            if self.world > 1:  # ... and that no two workers trained on the same row this epoch
+                metrics["shard_overlap_rows"] = shard_overlap(self.consumed)
         if self.logger is not None:
             self.logger.metrics(metrics, step=self.state.step)
         if not save:
             return
-        # Every rank reports (a barrier); rank 0 hands over the checkpoint directory.
-        tmp = Path(tempfile.mkdtemp(prefix="simba-ckpt-"))
+        # Every rank reports (a barrier); rank 0 hands over the checkpoint directory, which Ray Train copies
+        # into the run folder. In local mode nothing is copied: the checkpoint is written there directly.
+        if self.local_mode and self.run_dir is not None:
+            directory = self.run_dir / f"{LOCAL_CHECKPOINT_PREFIX}{self.state.step:06d}"
+        else:
+            directory = Path(tempfile.mkdtemp(prefix="simba-ckpt-"))
         ckpt = None
         if self.rank == 0:
-            save_checkpoint(tmp, self.raw, self.cfg, self.opt, self.sched, self.state)
-            ckpt = ray.train.Checkpoint.from_directory(str(tmp))
+            save_checkpoint(directory, self.raw, self.cfg, self.opt, self.sched, self.state, self.ema)
+            ckpt = ray.train.Checkpoint.from_directory(str(directory))
         ray.train.report({"step": self.state.step, **metrics}, checkpoint=ckpt)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if self.local_mode and self.run_dir is not None:
+            prune_local_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
 
     # --- save -----------------------------------------------------------------------------------------------
 
     def save_final_model(self) -> None:
         """Rank 0 logs the final weights to the MLflow run as `checkpoint/model.pt`."""
         if self.logger is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                self.logger.artifact(save_model(tmp, self.raw, self.cfg, self.state.step), "checkpoint")
+            with tempfile.TemporaryDirectory() as tmp, self._handed_out() as model:
+                self.logger.artifact(save_model(tmp, model, self.cfg, self.state.step), "checkpoint")
 
     # --- cleanup --------------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -80,3 +81,13 @@ def scale_to_token_mean(params: Iterable[nn.Parameter], step: StepStats, world: 
     for p in params:
         if p.grad is not None:
             p.grad.mul_(factor)
+
+
+def seed_micro_batch(seed: int, rank: int, step: int, micro: int) -> None:
+    """Seed torch's generators (CPU and CUDA) from (seed, worker, optimizer step, micro-batch).
+
+    Dropout and condition-dropout masks then depend on where the run is, not on how it got there: a rerun
+    draws the same masks, a resumed run draws what the uninterrupted one would have, and sampling or
+    validation between steps cannot shift them. Nothing needs saving in a checkpoint for it.
+    """
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1, np.uint64)[0] >> 1))

@@ -17,7 +17,8 @@ import torch
 
 from configs import ExperimentConfig, apply_overrides
 from modeling.builders import build_model
-from pipelines.train.dataset import collate, read_split
+from pipelines.train.checkpoints import load_model
+from pipelines.train.dataset import TokenSplit, collate
 from pipelines.train.driver import run_training
 from pipelines.train.optim import lr_factor, make_optimizer
 
@@ -44,29 +45,13 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert all(f(s) >= f(s + 1) for s in range(100, 1000))
 
 
-def test_batches_from_real_parquet(preprocessed, ray_session):
-    cfg, _ = preprocessed
-    ds = read_split(cfg.data.tokens_dir, "train", codebook=0, max_frames=64, pad_id=1024)
-    batch = collate(next(iter(ds.iter_batches(batch_size=2, batch_format="numpy"))))
-    assert batch["inputs"].shape == (2, 64) and batch["targets"].shape == (2, 64)
-    assert (batch["inputs"][:, 0] == 1024).all()  # BOS
-    assert torch.equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])  # shifted by one
-    assert batch["targets"].max() < 1024  # 64 of the 2584 frames: no padding needed
-    lengths = batch["text_mask"].sum(1)
-    assert batch["text"].shape[:2] == batch["text_mask"].shape and (lengths > 0).all()
-    assert (batch["text"][~batch["text_mask"]] == 0).all()
-    long = collate(next(iter(read_split(cfg.data.tokens_dir, "train", codebook=0, max_frames=3000, pad_id=1024)
-                        .iter_batches(batch_size=1, batch_format="numpy"))))  # fmt: skip
-    assert (long["targets"][0, 2584:] == 1024).all() and (long["targets"][0, :2584] < 1024).all()
-
-
-def test_one_batch_overfits_with_the_training_optimizer(preprocessed, ray_session):
+def test_one_batch_overfits_with_the_training_optimizer(preprocessed):
     cfg, _ = preprocessed
     torch.manual_seed(0)
     model = build_model(cfg.model)
     model.cond_dropout = 0.0
-    ds = read_split(cfg.data.tokens_dir, "train", codebook=0, max_frames=64, pad_id=1024)
-    batch = collate(next(iter(ds.iter_batches(batch_size=2, batch_format="numpy"))))
+    split = TokenSplit.read(cfg.data.tokens_dir, "train", codebook=0, max_frames=64, pad_id=1024)
+    batch = collate(split.batch(np.array([0, 1])))
     t = ExperimentConfig.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "warmup_steps": 1}}).train
     opt, sched = make_optimizer(model, t)
     losses = []
@@ -140,13 +125,38 @@ def test_configuration_errors_fail_before_ray_starts(tmp_path):
         assert time.time() - t0 < 60
 
 
-def test_kill9_then_restart_resumes_in_the_same_mlflow_run(preprocessed, ray_session, tmp_path):
-    """A real TorchTrainer run killed with SIGKILL after its first checkpoint resumes from it when started
-    again, and keeps logging to the same MLflow run."""
+def _final_weights(out) -> dict[str, torch.Tensor]:
+    return load_model(out.result.checkpoint.path)[0].state_dict()
+
+
+def test_the_same_seed_repeats_the_run_exactly(preprocessed, ray_session, tmp_path):
+    """Model init, data order, dropout and condition-dropout masks all follow train.seed: two runs of one config
+    log the same losses and end on the same weights (CPU, fp32); another seed gives another run."""
     from mlflow.tracking import MlflowClient
 
-    cfg = _train_cfg(preprocessed, tmp_path, "train.max_steps=60", "train.grad_accum=4", "train.generate_every=0",
-                     "train.val_every=0", "name=resume")  # fmt: skip
+    runs = []
+    for k, seed in enumerate([0, 0, 1]):
+        cfg = _train_cfg(preprocessed, tmp_path / str(k), "train.max_steps=8", "train.grad_accum=2",
+                         "train.val_every=4", "train.generate_every=0", "train.checkpoint_every=8",
+                         f"train.seed={seed}")  # fmt: skip
+        out = run_training(cfg, local_mode=True)
+        losses = [v for _, v in _metric(MlflowClient(out.tracking_uri), out.run_id, "train_loss")]
+        runs.append((losses, _final_weights(out)))
+    (loss_a, weights_a), (loss_b, weights_b), (loss_c, _) = runs
+    assert len(loss_a) == 8 and loss_a == loss_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert loss_c != loss_a
+
+
+RESUME = ("train.max_steps=60", "train.grad_accum=4", "train.generate_every=0", "train.val_every=0", "name=resume")
+
+
+def test_kill9_then_restart_resumes_in_the_same_mlflow_run(preprocessed, ray_session, tmp_path):
+    """A real TorchTrainer run killed with SIGKILL after its first checkpoint resumes from it when started
+    again, keeps logging to the same MLflow run, and ends on the weights of an uninterrupted run."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = _train_cfg(preprocessed, tmp_path, *RESUME)
     cfg_path = cfg.dump_yaml(tmp_path / "resume.yaml")
     address = ray_session.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "ray_jobs.train", "--config", str(cfg_path), "--address", address]
@@ -177,6 +187,19 @@ def test_kill9_then_restart_resumes_in_the_same_mlflow_run(preprocessed, ray_ses
     assert resumed and resumed[0][1] >= saved, resumed
     # steps up to the checkpoint were trained once: the restart did not begin again from step 0
     assert all(steps.count(s) == 1 for s in range(1, saved + 1))
+
+    # The same rows, dropout masks and optimizer state as a run that was never interrupted. That one runs here,
+    # in one thread like the Ray Train worker, so that float sums add up in the same order.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        baseline = run_training(_train_cfg(preprocessed, tmp_path / "baseline", *RESUME), local_mode=True)
+    finally:
+        torch.set_num_threads(threads)
+    resumed_weights = load_model(run_dir)[0].state_dict()
+    for key, value in _final_weights(baseline).items():
+        diff = float((resumed_weights[key] - value).norm() / value.norm().clamp_min(1e-12))
+        assert diff < 1e-6, f"{key}: {diff:.2e} relative to the uninterrupted run"
 
 
 def _with_one_nan_caption(tokens_dir: Path, out: Path, copies: int = 4) -> str:
@@ -218,6 +241,8 @@ def test_two_workers_train_with_ddp(preprocessed, ray_session, tmp_path):
     assert out.result.checkpoint is not None
     spread = client.get_metric_history(out.run_id, "replica_param_spread")  # checked at the final checkpoint
     assert [(m.step, m.value) for m in spread] == [(4, 0.0)]  # the two replicas are bit-identical
+    overlap = client.get_metric_history(out.run_id, "shard_overlap_rows")  # rows both workers consumed this epoch
+    assert [(m.step, m.value) for m in overlap] == [(4, 0.0)]
 
 
 def test_a_nan_loss_on_one_ddp_worker_skips_the_step_on_both(preprocessed, ray_session, tmp_path):
