@@ -8,6 +8,8 @@ Pretrained parts come from configs/debug.yaml; the tiny random ones are created 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,72 +21,109 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
+class Stages:
+    """Wall time of each stage of the demo, printed as a breakdown at the end (`bench/demo.py` reads it)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def total(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def table(self) -> str:
+        total = self.total()
+        rows = [f"  {name:<34} {value:7.1f} s  {100 * value / total:5.1f}%" for name, value in self.seconds.items()]
+        rest = total - sum(v for k, v in self.seconds.items() if "/" not in k)  # "a/b" rows are parts of "a"
+        rows.append(f"  {'other (imports, printing)':<34} {rest:7.1f} s  {100 * rest / total:5.1f}%")
+        return "\n".join([*rows, f"  {'total':<34} {total:7.1f} s"])
+
+
+def _training_parts(stages: Stages, arch: str, metrics: dict) -> None:
+    """Split a training stage by what its worker reported: setup, optimizer steps, validation, ... and the rest
+    (Ray Train starting and stopping the worker group)."""
+    inside = 0.0
+    for key, value in metrics.items():
+        if key.startswith("seconds_"):
+            stages.seconds[f"train {arch}/{key.removeprefix('seconds_')}"] = value
+            inside += value
+    stages.seconds[f"train {arch}/Ray Train start + stop"] = stages.seconds[f"train {arch}"] - inside
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="simba-ttm demo", description=__doc__)
     parser.add_argument("--config", default="configs/debug.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     parser.add_argument("--tracks", type=int, default=12, help="tracks in the generated corpus")
     parser.add_argument("--out", default="outputs/demo", help="where generated audio goes")
+    parser.add_argument("--timings", metavar="FILE", help="also write the stage breakdown to FILE as JSON")
     args = parser.parse_args(argv)
+    stages = Stages()
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as err:
         print(f"simba-ttm demo: {err}", file=sys.stderr)
         return 2
-    t0 = time.time()
 
     # Imported here, after the arguments and config are read: --help and a bad flag or config answer at once,
     # without the seconds that importing torch, Ray and MLflow takes.
-    from modeling.pretrained.codec import load_codec
-    from modeling.pretrained.text_encoder import TextEncoder
     from modeling.pretrained.tiny import make_tiny_pretrained
-    from pipelines.generation import generate_audio, sampling_options, write_samples
     from pipelines.preprocess.corpus.writer import make_corpus
     from pipelines.preprocess.graph import run_preprocess
     from pipelines.runtime import ensure_ray
-    from pipelines.train.checkpoints import load_model
     from pipelines.train.driver import run_training
 
     p = cfg.preprocess
     corpus_root = Path(p.metadata_tsv).parent
     _banner(f"1/4 corpus: {args.tracks} synthesized tracks + one of each bad input in {corpus_root}")
-    if not Path(p.metadata_tsv).is_file():
-        make_corpus(corpus_root, args.tracks, bad=True, seed=0, min_seconds=31, max_seconds=70, progress=False)
-    else:
-        print("already there (delete it to make a new one)")
+    with stages("corpus"):
+        if not Path(p.metadata_tsv).is_file():
+            make_corpus(corpus_root, args.tracks, bad=True, seed=0, min_seconds=31, max_seconds=70, progress=False)
+        else:
+            print("already there (delete it to make a new one)")
 
     missing = [k for k in ("separator", "codec", "text_encoder") if not Path(getattr(p, k)).exists()]
     tiny_dir = Path("data/demo/pretrained")
     if missing and all(Path(getattr(p, k)).parent == tiny_dir for k in missing):
-        made = make_tiny_pretrained(tiny_dir)
+        with stages("tiny pretrained models"):
+            made = make_tiny_pretrained(tiny_dir)
         print(f"NOTE: no real weights configured for {', '.join(missing)}: using TINY RANDOM models ({made}).")
         print("      The pipeline and training are real; the audio will not sound like music.")
 
-    ensure_ray()
+    with stages("Ray start"):
+        ensure_ray()
     _banner("2/4 preprocess (Ray Data): decode, clip, vocal removal, silence rule, captions, DAC, Flan-T5")
-    summary = run_preprocess(cfg)
+    with stages("preprocess"):
+        summary = run_preprocess(cfg)
     print(summary.table())
 
     results = {}
     for arch in ("simba", "transformer"):
         _banner(f"3/4 train {arch} at debug scale (Ray Train + MLflow)")
         arch_cfg = load_config(args.config, [*args.overrides, f"model.arch={arch}", f"name=demo-{arch}"])
-        out = run_training(arch_cfg)
+        with stages(f"train {arch}"):
+            out = run_training(arch_cfg)
+        _training_parts(stages, arch, out.result.metrics)
         results[arch] = out
-        print(f"{arch}: final metrics { ({k: round(v, 4) for k, v in out.result.metrics.items()}) }")
+        shown = {k: round(v, 4) for k, v in out.result.metrics.items() if not k.startswith("seconds_")}
+        print(f"{arch}: final metrics {shown}")
 
     _banner("4/4 generate")
-    text_encoder = TextEncoder(p.text_encoder, setting="preprocess.text_encoder")
-    codec = load_codec(p.codec, setting="preprocess.codec")
-    prompts = list(cfg.generation.prompts)[:2]
-    for arch, out in results.items():
-        model, mcfg, step = load_model(out.result.checkpoint.path)
-        options = sampling_options(mcfg.generation, mcfg.data.frame_rate)
-        samples = generate_audio(model, prompts, text_encoder=text_encoder, codec=codec, **options)
-        for s in write_samples(samples, Path(args.out) / arch, prefix=arch):
-            print(f"{arch} (step {step}): {s.caption!r} -> {s.wav}")
+    with stages("generate"):
+        _generate(results, cfg, Path(args.out))
 
-    _banner(f"done in {time.time() - t0:.0f} s")
+    _banner(f"done in {stages.total():.0f} s")
+    print(stages.table())
+    if args.timings:
+        Path(args.timings).write_text(json.dumps({"total": stages.total(), **stages.seconds}, indent=1))
     uri = results["simba"].tracking_uri
     print(f"tokens:      {Path(cfg.data.tokens_dir).resolve()}")
     print(f"rejects:     {Path(p.rejects_dir).resolve()}")
@@ -93,6 +132,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MLflow runs: {', '.join(o.run_id for o in results.values())}")
     print(f"browse them: .venv/bin/mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     return 0
+
+
+def _generate(results: dict, cfg, out_dir: Path) -> None:
+    """Two prompts from each trained model's last checkpoint -> WAV + PNG in out_dir/<arch>/."""
+    from modeling.pretrained.codec import load_codec
+    from modeling.pretrained.text_encoder import TextEncoder
+    from pipelines.generation import generate_audio, sampling_options, write_samples
+    from pipelines.train.checkpoints import load_model
+
+    p = cfg.preprocess
+    text_encoder = TextEncoder(p.text_encoder, setting="preprocess.text_encoder")
+    codec = load_codec(p.codec, setting="preprocess.codec")
+    prompts = list(cfg.generation.prompts)[:2]
+    for arch, out in results.items():
+        model, mcfg, step = load_model(out.result.checkpoint.path)
+        options = sampling_options(mcfg.generation, mcfg.data.frame_rate)
+        samples = generate_audio(model, prompts, text_encoder=text_encoder, codec=codec, **options)
+        for s in write_samples(samples, out_dir / arch, prefix=arch):
+            print(f"{arch} (step {step}): {s.caption!r} -> {s.wav}")
 
 
 if __name__ == "__main__":

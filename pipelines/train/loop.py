@@ -16,6 +16,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray.train
@@ -46,12 +48,21 @@ from pipelines.train.validation import validate
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point. config: {"experiment": cfg.to_dict(), "run_id": str | None, "tracking_uri": str}."""
+    """Ray Train entry point. config: {"experiment": cfg.to_dict(), "run_id", "tracking_uri", "run_dir",
+    "local_mode"} (see `driver.run_training`)."""
     recipe = TrainRecipe(config)
-    recipe.setup()
+    with recipe.timed("setup"):
+        recipe.setup()
     recipe.train()
     recipe.save_final_model()
     recipe.cleanup()
+
+
+def say(line: str) -> None:
+    """One line to the worker's stdout. Not `print`: Ray Train patches it to log as well as print, and a
+    worker's line would reach the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -66,6 +77,15 @@ class TrainRecipe:
     def __init__(self, config: dict):
         self.config = config
         self.cfg = ExperimentConfig.from_dict(config["experiment"])
+        self.seconds: dict[str, float] = defaultdict(float)  # wall time by part, in every checkpoint's report
+
+    @contextlib.contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - t0
 
     # --- setup ----------------------------------------------------------------------------------------------
 
@@ -89,7 +109,7 @@ class TrainRecipe:
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 self.state = load_checkpoint(Path(d), self.raw, self.opt, self.sched, self.ema)
-            print(f"[rank {self.rank}] resumed from step {self.state.step} (epoch {self.state.epoch})", file=sys.stderr)
+            say(f"[rank {self.rank}] resumed from step {self.state.step} (epoch {self.state.epoch})")
         self.model = ray.train.torch.prepare_model(self.raw) if self.world > 1 else self.raw
 
         config = self.config
@@ -115,7 +135,7 @@ class TrainRecipe:
         peak, source = peak_flops(cfg, self.device, self.amp)
         self.progress = Progress(t.max_steps, train_flops_per_token(cfg, self.raw), peak * self.world, self.state.step)
         if self.rank == 0:
-            print(f"MFU against {peak / 1e12:.2f} TFLOP/s per worker ({source}) x {self.world} worker(s)", flush=True)
+            say(f"MFU against {peak / 1e12:.2f} TFLOP/s per worker ({source}) x {self.world} worker(s)")
 
     # --- train ----------------------------------------------------------------------------------------------
 
@@ -158,6 +178,7 @@ class TrainRecipe:
                     if self.ema is not None:
                         self.ema.update(raw)
                     elapsed = time.perf_counter() - t_step
+                    self.seconds["steps"] += elapsed
                     tokens_per_s = step.tokens / max(elapsed, 1e-9)  # over all workers
                     metrics = {
                         "train_loss": step.mean_loss,  # over all workers
@@ -199,17 +220,17 @@ class TrainRecipe:
         the step's metrics; print the progress line."""
         t, state = self.cfg.train, self.state
         if self.val_batches is not None and state.step % t.val_every == 0:
-            with self._handed_out() as model:
+            with self._handed_out() as model, self.timed("validation"):
                 metrics["val_loss"] = validate(model, self.val_batches, self.device, self.amp)
                 if metrics["val_loss"] < state.best_val_loss:  # the same value on every worker (all-reduced)
                     state.best_val_loss = metrics["val_loss"]
                     if self.rank == 0 and self.run_dir is not None:
                         save_model(self.run_dir / BEST_DIR, model, self.cfg, state.step, val_loss=metrics["val_loss"])
         if self.sampler is not None and (state.step % t.generate_every == 0 or state.step == t.max_steps):
-            with self._handed_out() as model:
+            with self._handed_out() as model, self.timed("samples"):
                 self.sampler(model, state.step, self.logger)
         if self.rank == 0 and (state.step % t.log_every == 0 or state.step == t.max_steps):
-            print(self.progress.line(state.step, metrics), flush=True)
+            say(self.progress.line(state.step, metrics))
         save = state.step % t.checkpoint_every == 0 or state.step == t.max_steps
         self._report(metrics, save)
 
@@ -229,10 +250,13 @@ class TrainRecipe:
         else:
             directory = Path(tempfile.mkdtemp(prefix="simba-ckpt-"))
         ckpt = None
+        t0 = time.perf_counter()
         if self.rank == 0:
             save_checkpoint(directory, self.raw, self.cfg, self.opt, self.sched, self.state, self.ema)
             ckpt = ray.train.Checkpoint.from_directory(str(directory))
-        ray.train.report({"step": self.state.step, **metrics}, checkpoint=ckpt)
+        seconds = {f"seconds_{part}": value for part, value in self.seconds.items()}
+        ray.train.report({"step": self.state.step, **metrics, **seconds}, checkpoint=ckpt)
+        self.seconds["checkpoints"] += time.perf_counter() - t0
         if self.local_mode and self.run_dir is not None:
             prune_local_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         else:
