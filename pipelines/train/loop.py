@@ -133,7 +133,9 @@ class TrainRecipe:
         self.consumed = list(self.train_batches.rows(self.state.epoch)[:done])
 
         peak, source = peak_flops(cfg, self.device, self.amp)
-        self.progress = Progress(t.max_steps, train_flops_per_token(cfg, self.raw), peak * self.world, self.state.step)
+        self.progress = Progress(
+            cfg.name, t.max_steps, train_flops_per_token(cfg, self.raw), peak * self.world, self.state.step
+        )
         if self.rank == 0:
             say(f"MFU against {peak / 1e12:.2f} TFLOP/s per worker ({source}) x {self.world} worker(s)")
 

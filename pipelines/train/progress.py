@@ -81,7 +81,8 @@ def _duration(seconds: float) -> str:
 class Progress:
     """MFU for every step's metrics; a readable line every `log_every` steps with the ETA."""
 
-    def __init__(self, max_steps: int, flops_per_token: float, peak_flops_total: float, start_step: int):
+    def __init__(self, name: str, max_steps: int, flops_per_token: float, peak_flops_total: float, start_step: int):
+        self.name = name  # the run's name starts each line: runs side by side (the demo, a sweep) stay apart
         self.max_steps = max_steps
         self.flops_per_token = flops_per_token
         self.peak = peak_flops_total
@@ -106,4 +107,4 @@ class Progress:
         ]
         if "val_loss" in metrics:
             parts.insert(2, f"val {metrics['val_loss']:.4f}")
-        return " | ".join(parts)
+        return f"[{self.name}] " + " | ".join(parts)

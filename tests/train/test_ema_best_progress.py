@@ -53,8 +53,8 @@ def test_ema_best_checkpoint_progress_and_a_local_mode_resume(preprocessed, ray_
     run_dir = tmp_path / "runs" / "features"
 
     # progress: one line every log_every steps, with the numbers MLflow has
-    lines = [ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("step ")]
-    assert [ln.split(" | ")[0] for ln in lines] == ["step 4/8", "step 8/8"], lines
+    lines = [ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("[features] step ")]
+    assert [ln.split(" | ")[0] for ln in lines] == ["[features] step 4/8", "[features] step 8/8"], lines
     assert all(re.search(r"loss \d+\.\d{4} \| val \d+\.\d{4} \| lr .* tok/s \| MFU \d+\.\d% \| ETA \d+m\d\ds", ln)
                for ln in lines), lines  # fmt: skip
     client = MlflowClient(out.tracking_uri)
@@ -90,9 +90,9 @@ def test_ema_best_checkpoint_progress_and_a_local_mode_resume(preprocessed, ray_
 
 
 def test_the_progress_line_reads_well():
-    progress = Progress(max_steps=1000, flops_per_token=6e6, peak_flops_total=1e12, start_step=0)
+    progress = Progress("paper", max_steps=1000, flops_per_token=6e6, peak_flops_total=1e12, start_step=0)
     metrics = {"train_loss": 5.12345, "lr": 1e-4, "tokens_per_s": 50_000.0}
     metrics["mfu"] = progress.mfu(metrics["tokens_per_s"])
     assert metrics["mfu"] == pytest.approx(0.3)
     line = progress.line(10, metrics)
-    assert line.startswith("step 10/1000 | loss 5.1235 | lr 1.00e-04 | 50,000 tok/s | MFU 30.0% | ETA ")
+    assert line.startswith("[paper] step 10/1000 | loss 5.1235 | lr 1.00e-04 | 50,000 tok/s | MFU 30.0% | ETA ")
