@@ -95,7 +95,7 @@ class Passt:
         self, path_or_id: str | Path = DEFAULT_PASST, device: str | torch.device = "cpu", setting: str = "eval.passt"
     ):
         with _quiet():  # hear21passt prints at import too
-            from hear21passt.models.passt import PaSST, get_model
+            from hear21passt.models.passt import PaSST, checkpoint_filter_fn, get_model
             from hear21passt.models.preprocess import AugmentMelSTFT
             from hear21passt.wrapper import PasstBasicWrapper
 
@@ -106,6 +106,7 @@ class Passt:
         if not path.is_file():
             raise missing("PaSST weights", path, setting, "path to a PaSST .pt state dict")
         state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state)  # some releases wrap the state dict, as hear21passt's filter allows
         width = state["cls_token"].shape[-1]
         depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
         with _quiet():
@@ -113,7 +114,8 @@ class Passt:
                 net = get_model(arch=DEFAULT_PASST, pretrained=False, n_classes=N_LABELS)
             else:
                 net = PaSST(**ARCH, embed_dim=width, depth=depth, num_heads=max(1, width // HEAD_DIM))
-            net.load_state_dict(state)
+            # What hear21passt does to a downloaded checkpoint before loading it (patch-embedding layout fixes).
+            net.load_state_dict(checkpoint_filter_fn(state, net))
             model = PasstBasicWrapper(mel=AugmentMelSTFT(**MEL), net=net, mode="logits")
         self.model = model.to(device).eval().requires_grad_(False)
         self.device = torch.device(device)
