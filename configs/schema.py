@@ -1,7 +1,7 @@
 """Experiment configuration: one typed dataclass per concern, one YAML file per experiment.
 
 An experiment (`ExperimentConfig`) has a `name` and one section per dataclass (`model`, `data`,
-`preprocess`, `train`, `generation`, `mlflow`). The dataclasses are the single source of truth: the
+`preprocess`, `train`, `generation`, `mlflow`, `eval`). The dataclasses are the single source of truth: the
 YAML files map 1:1 onto them, model constructors receive their fields as plain keyword arguments.
 
 Types are checked by pydantic (the classes are pydantic dataclasses: `ModelConfig(d_state="abc")` fails
@@ -306,6 +306,28 @@ class MLflowConfig(Section):
 
 
 @section
+class EvalConfig(Section):
+    """FAD, KLD and CLAP (eval/): the models behind them, by hub id / cache id or local path (never downloaded)."""
+
+    _section: ClassVar[str] = "eval"
+
+    clap: str = "laion/larger_clap_music"  # CLAP score (+ FAD on CLAP): hub id (local cache only) or a local directory
+    passt: str = "passt_s_swa_p16_128_ap476"  # KLD classifier: this id (torch hub cache) or a PaSST .pt state dict
+    vggish: str = "vggish"  # FAD embedder: this id (torch hub cache) or a torchvggish .pth state dict
+    fad_embedder: Literal["vggish", "clap"] = "vggish"
+    seconds: Float = 10.0  # generations and references are compared over their first `seconds`
+    limit: Int | None = None  # the first N captions of the eval set; None: all
+    batch_size: Int = 8  # clips per forward pass of CLAP, PaSST and VGGish
+
+    def _validate(self) -> None:
+        for name in ("clap", "passt", "vggish"):
+            self._require(name, bool(getattr(self, name)), "a non-empty string")
+        self._require("seconds", self.seconds > 0.0, "> 0")
+        self._require("limit", self.limit is None or self.limit >= 1, "null (all) or >= 1")
+        self._require("batch_size", self.batch_size >= 1, ">= 1")
+
+
+@section
 class ExperimentConfig(Section):
     """One experiment: what one YAML file in configs/ describes."""
 
@@ -316,6 +338,7 @@ class ExperimentConfig(Section):
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def _validate(self) -> None:
         self._require("name", bool(self.name.strip()), "non-empty")

@@ -23,7 +23,7 @@ from configs import (
 from configs.loading import load_file, resolve_config_path
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
-SECTIONS = ("model", "data", "preprocess", "train", "generation", "mlflow")
+SECTIONS = ("model", "data", "preprocess", "train", "generation", "mlflow", "eval")
 
 
 def _schema_keys() -> dict[str, set[str]]:
@@ -100,6 +100,23 @@ def test_paper_values():
     assert type(t.lr) is float and type(t.betas) is tuple
 
 
+def test_eval_section():
+    e = load_config("paper").eval
+    assert (e.clap, e.passt, e.vggish) == ("laion/larger_clap_music", "passt_s_swa_p16_128_ap476", "vggish")
+    assert (e.fad_embedder, e.seconds, e.limit) == ("vggish", 10.0, None)
+    debug = load_config("debug")
+    assert debug.eval.seconds == debug.generation.seconds and debug.eval.fad_embedder == "clap"
+    assert load_config("paper", ["eval.limit=16"]).eval.limit == 16
+    for bad, message in [
+        ({"limit": 0}, r"eval.limit must be null \(all\) or >= 1"),
+        ({"fad_embedder": "pann"}, "eval.fad_embedder must be one of 'vggish', 'clap'"),
+        ({"seconds": 0.0}, "eval.seconds must be > 0"),
+        ({"clap": ""}, "eval.clap must be a non-empty string"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            ExperimentConfig.from_dict({"eval": bad})
+
+
 def test_debug_is_tiny_and_cpu_only():
     cfg = load_config("debug")
     assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.text_dim) == (64, 2, 32)
@@ -159,7 +176,7 @@ def test_unknown_key_names_it_lists_valid_and_suggests():
 def test_unknown_section_and_key_in_file(tmp_path):
     with pytest.raises(
         ConfigError,
-        match=r"unknown key 'modle'; valid keys: data, generation, mlflow, model, name, "
+        match=r"unknown key 'modle'; valid keys: data, eval, generation, mlflow, model, name, "
         r"preprocess, train \(did you mean 'model'\?\)",
     ):
         load_config(None, ["modle.d_model=3"])
