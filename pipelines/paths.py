@@ -8,9 +8,9 @@ tokens) is looked for there and not found. So every job checks its paths before 
 inside such a copy, without a root, a relative path is refused with one message that names the keys.
 
 With $SIMBA_TTM_ROOT set (an absolute path; `~` is the home of the machine the job runs on), every relative path
-of the config, the relative SQLite store of MLflow and the jobs' output folders resolve against it instead of
-the working directory, in a job or not. `--config` and `--prompts` files are still read from the working
-directory: they travel with the code. Absolute paths are used as they are.
+of the config, the relative SQLite store of MLflow and the jobs' `--out` and `--checkpoint` resolve against it
+instead of the working directory, in a job or not. `--config` and `--prompts` files are still read from the
+working directory: they travel with the code. Absolute paths are used as they are.
 """
 
 from __future__ import annotations
