@@ -31,7 +31,10 @@ PATH_KEYS = {
     "preprocess": ("metadata_tsv", "audio_root", "exclude_csv", "rejects_dir", "caption_file"),
     "train": ("storage_path",),
 }
-PATH_OR_ID_KEYS = {"preprocess": ("separator", "codec", "text_encoder", "caption_model")}
+PATH_OR_ID_KEYS = {
+    "preprocess": ("separator", "codec", "text_encoder", "caption_model"),
+    "eval": ("clap", "passt", "vggish"),
+}
 
 # What the jobs read and write, for `check_job_paths` (model settings may be hub ids: they are not checked).
 PREPROCESS_PATHS = ("preprocess.metadata_tsv", "preprocess.audio_root", "preprocess.exclude_csv",

@@ -69,6 +69,7 @@ def test_absolute_paths_resolve_every_config_path_against_the_root(monkeypatch, 
     root = tmp_path / "root"
     (root / "data/demo/pretrained").mkdir(parents=True)
     (root / "data/demo/pretrained/dac_tiny.pth").touch()
+    (root / "data/demo/pretrained/clap_tiny").mkdir()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(ROOT_ENV, str(root))
     cfg = absolute_paths(load_config("debug", ["preprocess.caption_file=captions.jsonl"]))
@@ -79,6 +80,8 @@ def test_absolute_paths_resolve_every_config_path_against_the_root(monkeypatch, 
     assert cfg.preprocess.caption_file == str(root / "captions.jsonl")
     assert cfg.preprocess.codec == str(root / "data/demo/pretrained/dac_tiny.pth")  # exists: a path
     assert cfg.preprocess.separator == "data/demo/pretrained/htdemucs_tiny.th"  # missing: left as it is (an id)
+    assert cfg.eval.clap == str(root / "data/demo/pretrained/clap_tiny")
+    assert cfg.eval.vggish == "vggish"
 
 
 def test_tracking_uri_resolves_relative_sqlite_against_the_root(monkeypatch, tmp_path):
