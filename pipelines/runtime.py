@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import ray
 
-from configs.schema import ExperimentConfig
+# Path resolution lives in pipelines/paths.py (no Ray import: every job checks its paths before Ray starts);
+# absolute_paths is also reachable here, where the training driver has always imported it from.
+from pipelines.paths import absolute_paths
+
+__all__ = ["absolute_paths", "ensure_ray"]
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -26,27 +29,3 @@ def ensure_ray(address: str | None = None) -> None:
         # At least 4 logical CPUs: the preprocessing actor pools (separator, codec, text encoder) each hold one,
         # and the decode tasks need one more, so a 2-core laptop would otherwise wait forever for a CPU.
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4))
-
-
-# Config values that are always paths, and values that are a path when one exists (else a model id).
-_PATHS = {
-    "data": ("tokens_dir",),
-    "preprocess": ("metadata_tsv", "audio_root", "exclude_csv", "rejects_dir", "caption_file"),
-    "train": ("storage_path",),
-}
-_PATH_OR_ID = {"preprocess": ("separator", "codec", "text_encoder", "caption_model")}
-
-
-def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Ray workers run in their own directories: resolve every path of `cfg` against the driver's."""
-    d = cfg.to_dict()
-    for section, keys in _PATHS.items():
-        for key in keys:
-            if d[section][key]:
-                d[section][key] = str(Path(d[section][key]).expanduser().resolve())
-    for section, keys in _PATH_OR_ID.items():
-        for key in keys:
-            value = d[section][key]
-            if value and Path(value).expanduser().exists():
-                d[section][key] = str(Path(value).expanduser().resolve())
-    return ExperimentConfig.from_dict(d)

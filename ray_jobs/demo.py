@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from configs import ConfigError, load_config
+from pipelines.paths import PREPROCESS_PATHS, TRAIN_PATHS, absolute_paths, check_job_paths, resolve_path
 
 
 def _banner(text: str) -> None:
@@ -93,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     stages = Stages()
     try:
         cfg = load_config(args.config, args.overrides)
+        # Inside a Ray job, relative paths would point into Ray's temporary copy of the working directory.
+        outputs = {"--out": args.out, "--timings": args.timings}
+        check_job_paths(cfg, (*PREPROCESS_PATHS, *TRAIN_PATHS), tracking=True, args=outputs)
+        cfg, out_dir = absolute_paths(cfg), resolve_path(args.out)  # against $SIMBA_TTM_ROOT when set
     except (ConfigError, FileNotFoundError) as err:
         print(f"simba-ttm demo: {err}", file=sys.stderr)
         return 2
@@ -113,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("already there (delete it to make a new one)")
 
-    missing = [k for k in ("separator", "codec", "text_encoder") if not Path(getattr(p, k)).exists()]
-    tiny_dir = Path("data/demo/pretrained")
-    if missing and all(Path(getattr(p, k)).parent == tiny_dir for k in missing):
+    missing = [k for k in ("separator", "codec", "text_encoder") if not resolve_path(getattr(p, k)).exists()]
+    tiny_dir = resolve_path("data/demo/pretrained")
+    if missing and all(resolve_path(getattr(p, k)).parent == tiny_dir for k in missing):
         with stages("tiny pretrained models"):
             made = make_tiny_pretrained(tiny_dir)
+        cfg = absolute_paths(cfg)  # the model settings name files now
+        p = cfg.preprocess
         print(f"NOTE: no real weights configured for {', '.join(missing)}: using TINY RANDOM models ({made}).")
         print("      The pipeline and training are real; the audio will not sound like music.")
 
@@ -141,17 +148,17 @@ def main(argv: list[str] | None = None) -> int:
 
     _banner("4/4 generate")
     with stages("generate"):
-        _generate(results, cfg, Path(args.out))
+        _generate(results, cfg, out_dir)
 
     _banner(f"done in {stages.total():.0f} s")
     print(stages.table())
     if args.timings:
-        Path(args.timings).write_text(json.dumps({"total": stages.total(), **stages.seconds}, indent=1))
+        resolve_path(args.timings).write_text(json.dumps({"total": stages.total(), **stages.seconds}, indent=1))
     uri = results["simba"].tracking_uri
-    print(f"tokens:      {Path(cfg.data.tokens_dir).resolve()}")
-    print(f"rejects:     {Path(p.rejects_dir).resolve()}")
-    print(f"checkpoints: {Path(cfg.train.storage_path).resolve()}")
-    print(f"audio:       {Path(args.out).resolve()}")
+    print(f"tokens:      {cfg.data.tokens_dir}")
+    print(f"rejects:     {p.rejects_dir}")
+    print(f"checkpoints: {cfg.train.storage_path}")
+    print(f"audio:       {out_dir}")
     print(f"MLflow runs: {', '.join(o.run_id for o in results.values())}")
     print(f"browse them: .venv/bin/mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     return 0

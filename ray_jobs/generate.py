@@ -1,10 +1,11 @@
 """`simba-ttm generate --checkpoint PATH (--prompt TEXT ... | --prompts FILE) [options]`: captions -> WAV + PNG.
 
 Sampling options default to the checkpoint's own `generation` config, and the text encoder and codec to its
-`preprocess.text_encoder` / `preprocess.codec` (paths relative to the working directory). `--checkpoint`
-takes a model file, a checkpoint directory or a whole training run folder: its highest step, or with
-`--pick best` the checkpoint of its lowest validation loss.
-Runs where it is started: `ray job submit ... -- simba-ttm generate ... --device cuda` runs it on a GPU box.
+`preprocess.text_encoder` / `preprocess.codec`. `--checkpoint` takes a model file, a checkpoint directory or a
+whole training run folder: its highest step, or with `--pick best` the checkpoint of its lowest validation loss.
+Relative paths (not --prompts) resolve against $SIMBA_TTM_ROOT when set, else the working directory. Runs where
+it is started: `ray job submit ... -- simba-ttm generate ... --device cuda` runs it on a GPU box (with
+$SIMBA_TTM_ROOT or absolute paths).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from configs import ConfigError
 from modeling.pretrained.errors import MissingWeightsError
+from pipelines.paths import check_job_paths, resolve_path, resolve_path_or_id
 
 PROG = "simba-ttm generate"
 
@@ -62,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codec", help="DAC .pth or id (default: preprocess.codec)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     args = parser.parse_args(argv)
+    try:
+        # Inside a Ray job, relative paths would point into Ray's temporary copy of the working directory.
+        check_job_paths(args={"--checkpoint": args.checkpoint, "--out": args.out})
+        checkpoint, out = resolve_path(args.checkpoint), resolve_path(args.out)  # against $SIMBA_TTM_ROOT when set
+    except ConfigError as err:
+        return _fail(err)
 
     # Imported here, after the arguments and config are read: --help and a bad flag or config answer at once,
     # without the seconds that importing torch, dac and transformers takes.
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("no prompts: give non-empty --prompt TEXT or a --prompts FILE with one caption per line")
 
     try:
-        model, cfg, step = load_model(args.checkpoint, device=device, pick=args.pick)
+        model, cfg, step = load_model(checkpoint, device=device, pick=args.pick)
         given = {
             name: getattr(args, name)
             for name in ("seconds", "cfg_scale", "top_k", "top_p", "temperature", "seed", "batch_size", "compile")
@@ -91,15 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         gen = dataclasses.replace(cfg.generation, **given)  # re-validated: a bad flag is a ConfigError
         n_frames = gen.n_frames(cfg.data.frame_rate)
-        print(f"checkpoint {args.checkpoint} (step {step}, {cfg.model.arch}); {n_frames} frames per clip on {device}")
+        print(f"checkpoint {checkpoint} (step {step}, {cfg.model.arch}); {n_frames} frames per clip on {device}")
         text_encoder = TextEncoder(
-            args.text_encoder or cfg.preprocess.text_encoder,
+            resolve_path_or_id(args.text_encoder or cfg.preprocess.text_encoder),
             device=device,
             max_length=cfg.preprocess.text_max_length,
             setting="--text-encoder (or preprocess.text_encoder in the checkpoint config)",
         )
         codec = load_codec(
-            args.codec or cfg.preprocess.codec,
+            resolve_path_or_id(args.codec or cfg.preprocess.codec),
             device=device,
             setting="--codec (or preprocess.codec in the checkpoint config)",
         )
@@ -110,14 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     except (MissingWeightsError, FileNotFoundError, ConfigError, ValueError) as err:
         return _fail(err)
 
-    samples = write_samples(samples, args.out)
+    samples = write_samples(samples, out)
     for s in samples:
         print(f"{s.caption!r} -> {s.wav}, {s.png}")
     audio_seconds = sum(len(s.audio) / s.sample_rate for s in samples)
     print(
         f"{len(samples)} clips, {audio_seconds:.1f} s of audio in {elapsed:.1f} s "
         f"(real-time factor {elapsed / audio_seconds:.2f}: compute seconds per audio second); "
-        f"index: {Path(args.out) / INDEX_FILE}"
+        f"index: {out / INDEX_FILE}"
     )
     return 0
 

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from pipelines.paths import check_job_paths, resolve_path
 from pipelines.preprocess.corpus.writer import make_corpus
 
 
@@ -26,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="processes that render and encode tracks in parallel")  # fmt: skip
     args = parser.parse_args(argv)
     try:
+        check_job_paths(args={"--out": args.out})  # not into Ray's temporary copy of the working directory
         make_corpus(
-            args.out,
+            resolve_path(args.out),  # against $SIMBA_TTM_ROOT when set
             args.tracks,
             bad=args.bad,
             seed=args.seed,
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             max_seconds=args.max_seconds,
             workers=args.workers,
         )
-    except ValueError as err:
+    except ValueError as err:  # a ConfigError from check_job_paths too
         print(f"simba-ttm make-corpus: {err}", file=sys.stderr)
         return 2
     return 0

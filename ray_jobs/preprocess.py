@@ -14,6 +14,7 @@ from pathlib import Path
 
 from configs import ConfigError, load_config
 from modeling.pretrained.errors import MissingWeightsError
+from pipelines.paths import PREPROCESS_PATHS, absolute_paths, check_job_paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        # Inside a Ray job, relative paths would point into Ray's temporary copy of the working directory.
+        check_job_paths(cfg, PREPROCESS_PATHS)
+        cfg = absolute_paths(cfg)  # against $SIMBA_TTM_ROOT when set
     except (ConfigError, FileNotFoundError) as err:
         print(f"simba-ttm preprocess: {err}", file=sys.stderr)
         return 2

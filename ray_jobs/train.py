@@ -11,6 +11,7 @@ import sys
 
 from configs import ConfigError, load_config
 from modeling.pretrained.errors import MissingWeightsError
+from pipelines.paths import TRAIN_PATHS, absolute_paths, check_job_paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        # Inside a Ray job, relative paths would land in Ray's temporary copy of the working directory.
+        check_job_paths(cfg, TRAIN_PATHS, tracking=True)
+        cfg = absolute_paths(cfg)  # against $SIMBA_TTM_ROOT when set
     except (ConfigError, FileNotFoundError) as err:
         print(f"simba-ttm train: {err}", file=sys.stderr)
         return 2

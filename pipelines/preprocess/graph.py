@@ -25,6 +25,7 @@ from configs.schema import ConfigError, ExperimentConfig
 from modeling.pretrained.codec import encode_codes, load_codec
 from modeling.pretrained.separator import load_separator, remove_vocals
 from modeling.pretrained.text_encoder import TextEncoder
+from pipelines.paths import absolute_paths
 from pipelines.preprocess.audio import decode_track
 from pipelines.preprocess.captions import build_captioner
 from pipelines.preprocess.filters import DEFAULT_VOCAL_WORDS
@@ -40,7 +41,7 @@ from pipelines.preprocess.tokens import (
     tokens_table,
     write_part,
 )
-from pipelines.runtime import absolute_paths, ensure_ray
+from pipelines.runtime import ensure_ray
 
 OK = "ok"
 REJECTED = "rejected"

@@ -18,18 +18,16 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from configs.schema import ExperimentConfig
+from pipelines.paths import absolute_tracking_uri
 
 NAME_TAG = "simba_ttm.name"
 STORAGE_TAG = "simba_ttm.storage"
 
 
 def resolve_tracking_uri(cfg: ExperimentConfig) -> str:
-    """The configured URI with a relative SQLite path made absolute (Ray workers run elsewhere)."""
-    uri = cfg.mlflow.resolved_tracking_uri()
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
+    """The configured URI with a relative SQLite path made absolute, against $SIMBA_TTM_ROOT when set, else the
+    working directory (Ray workers run elsewhere)."""
+    return absolute_tracking_uri(cfg.mlflow.resolved_tracking_uri())
 
 
 def _client(uri: str) -> MlflowClient:

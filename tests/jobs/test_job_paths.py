@@ -1,0 +1,67 @@
+"""Every job refuses relative paths inside Ray's copy of the working directory before it starts anything, and
+resolves them against $SIMBA_TTM_ROOT when that is set. In process: the job's main() in a folder laid out as Ray's
+package copy (tests/jobs/test_job_submit.py submits real jobs)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from pipelines.paths import ROOT_ENV
+
+PREFIX = "relative paths in a Ray job would resolve inside Ray's temporary copy of the working directory"
+# job -> (argv, the relative paths its message names)
+JOBS = {
+    "train": (
+        ["--config", "debug"],
+        ["data.tokens_dir=data/demo/tokens", "train.storage_path=runs/debug", "the MLflow store sqlite:///mlflow.db"],
+    ),
+    "preprocess": (
+        ["--config", "debug"],
+        ["preprocess.metadata_tsv=data/demo/corpus/", "preprocess.audio_root=", "preprocess.exclude_csv=",
+         "data.tokens_dir=", "preprocess.rejects_dir="],
+    ),
+    "demo": (
+        ["--config", "debug"],
+        ["preprocess.metadata_tsv=", "train.storage_path=runs/debug", "the MLflow store", "--out outputs/demo"],
+    ),
+    "generate": (
+        ["--checkpoint", "runs/debug", "--prompt", "calm piano"],
+        ["--checkpoint runs/debug", "--out outputs/generate"],
+    ),
+    "make_corpus": (["--out", "corpus", "--tracks", "1"], ["--out corpus"]),
+}  # fmt: skip
+
+
+@pytest.fixture
+def package(tmp_path, monkeypatch):
+    for name in (ROOT_ENV, "MLFLOW_TRACKING_URI", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        monkeypatch.delenv(name, raising=False)
+    pkg = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    pkg.mkdir(parents=True)
+    monkeypatch.chdir(pkg)
+    return pkg
+
+
+@pytest.mark.parametrize("job", list(JOBS))
+def test_job_refuses_relative_paths_in_a_package_copy(job, package, capsys):
+    argv, named = JOBS[job]
+    assert importlib.import_module(f"ray_jobs.{job}").main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"simba-ttm {job.replace('_', '-')}: {PREFIX} ({package}), "), err
+    for text in named:
+        assert text in err, (text, err)
+    assert "SIMBA_TTM_ROOT" in err
+    assert list(package.iterdir()) == []  # nothing was written before the refusal
+
+
+def test_make_corpus_writes_under_the_root(package, tmp_path, monkeypatch):
+    from ray_jobs.make_corpus import main
+
+    monkeypatch.setenv(ROOT_ENV, str(tmp_path / "root"))
+    assert (
+        main(["--out", "corpus", "--tracks", "1", "--min-seconds", "30", "--max-seconds", "30", "--workers", "1"]) == 0
+    )
+    assert (tmp_path / "root" / "corpus" / "raw_30s_cleantags_50artists.tsv").is_file()
+    assert list(package.iterdir()) == []
