@@ -6,11 +6,7 @@ import os
 
 import ray
 
-# Path resolution lives in pipelines/paths.py (no Ray import: every job checks its paths before Ray starts);
-# absolute_paths is also reachable here, where the training driver has always imported it from.
-from pipelines.paths import absolute_paths
-
-__all__ = ["absolute_paths", "ensure_ray"]
+# Path resolution lives in pipelines/paths.py (no Ray import: every job checks its paths before Ray starts).
 
 
 def ensure_ray(address: str | None = None) -> None:

@@ -17,7 +17,8 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from configs.schema import ConfigError, ExperimentConfig
-from pipelines.runtime import absolute_paths, ensure_ray
+from pipelines.paths import absolute_paths
+from pipelines.runtime import ensure_ray
 from pipelines.train.dataset import count_split, token_files
 from pipelines.train.loop import train_loop_per_worker
 from pipelines.train.tracking import RunLogger, resolve_tracking_uri, start_or_resume_run
