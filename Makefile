@@ -27,7 +27,7 @@ lint: install
 bench: install
 	$(PY) bench/generate.py
 
-# Training-step tokens/s and MFU of both decoders (~5 minutes on 2 cores; bench/train_step.py --quick: ~1).
+# Training-step tokens/s and MFU of both decoders (~3 minutes on 2 idle cores; bench/train_step.py --quick: ~1).
 bench-train: install
 	$(PY) bench/train_step.py
 

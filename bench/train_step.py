@@ -9,10 +9,9 @@ sequences of 512, 1024, 2588 (the paper's 30 s clips) and 8192 tokens, random to
 embeddings of 32 caption tokens (SiMBA prepends them: it runs 32 more positions than the Transformer).
 
 The models are a mid size, `MID` below: bench/generate.py's width (d_model 512, MLP 1024, d_state 128) with
-6 layers instead of 12, so that every length, 8192 included, fits a ~5 minute run on 2 CPU cores (there a
-6-layer step at 8192 takes ~20 s for SiMBA and ~40 s for the Transformer, and SiMBA's pure-PyTorch scan peaks
-at ~6 GB; 12 layers would double both). For the same reason 8192 is timed in `--long-repeats` (1) rounds only.
-Dropout is 0.
+6 layers instead of 12, so that every length, 8192 included, fits a ~3 minute run on 2 idle CPU cores (there a
+6-layer step at 8192 takes ~15 s for either decoder, and SiMBA's pure-PyTorch scan peaks at ~6 GB; 12 layers
+would double both). Dropout is 0.
 
 Reported:
 - tokens/s: batch x length / median step time (audio tokens; SiMBA's caption prefix is not counted), and the
@@ -32,14 +31,13 @@ Reported:
   gradients (4 B/parameter, set to None between steps as in the loop), so the per-token figure falls with
   length; `*_mem_bytes_per_token` is the least-squares slope of peak growth vs tokens, which excludes them.
 
-Every round runs each (length, decoder) once, alternating which decoder goes first (8192 only in the first
-`--long-repeats` timed rounds); the first round is the warm-up (and the memory measurement) and is not timed.
+Every round runs each (length, decoder) once, alternating which decoder goes first; the first round is the
+warm-up (and the memory measurement) and is not timed.
 Results use the median over the timed rounds; the `*_best` keys use each step's fastest round and the fastest
 matmul instead: other load on a shared machine only ever adds time, so when the two disagree the machine was
 busy (the load average before and after is printed too).
 
-    python bench/train_step.py [--json] [--quick] [--repeats 3] [--long-repeats 1] [--batch 1] [--layers 6]
-                               [--threads N]
+    python bench/train_step.py [--json] [--quick] [--repeats 3] [--batch 1] [--layers 6] [--threads N]
     python bench/train_step.py --profile [--json]     # torch.profiler over SiMBA steps at 2588 tokens
 
 `--quick` (~1 minute): lengths 512, 1024, 2588 and 2 timed rounds. `--profile` runs no benchmark: it prints the
@@ -77,7 +75,6 @@ from pipelines.train.optim import autocast_dtype, clip_and_step, make_optimizer 
 MID = dict(d_model=512, n_layers=6, mlp_dim=1024, n_heads=8, d_state=128, headdim=64, chunk_size=256, dropout=0.0)
 TEXT_LEN = 32
 LENGTHS = (512, 1024, 2588, 8192)
-LONG = 8192  # timed in --long-repeats rounds only
 QUICK_LENGTHS = (512, 1024, 2588)
 KEY_LENGTH = 2588
 ARCHS = ("simba", "transformer")
@@ -294,7 +291,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     parser.add_argument("--quick", action="store_true", help="lengths up to 2588 and 2 timed rounds (~1 minute)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; --quick 2)")
-    parser.add_argument("--long-repeats", type=int, default=1, help=f"timed rounds at {LONG} tokens")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--layers", type=int, default=MID["n_layers"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -303,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=20, help="ops listed by --profile")
     args = parser.parse_args(argv)
     repeats = args.repeats if args.repeats is not None else 2 if args.quick else 3
-    if min(repeats, args.long_repeats, args.batch, args.layers) < 1:
-        parser.error("--repeats, --long-repeats, --batch and --layers must be >= 1")
+    if min(repeats, args.batch, args.layers) < 1:
+        parser.error("--repeats, --batch and --layers must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -332,8 +328,6 @@ def main(argv: list[str] | None = None) -> int:
         matmul.append(matmul_flops(device, compute_dtype))
         order = ARCHS if round_ % 2 == 0 else ARCHS[::-1]
         for n in lengths:
-            if round_ > args.long_repeats and n == LONG:
-                continue
             for arch in order:
                 if round_ == 0:  # warm-up round: measures memory, not time
                     memory.start()
@@ -353,7 +347,6 @@ def main(argv: list[str] | None = None) -> int:
         rows[(arch, n)] = dict(
             step_s=step_s,
             best_s=min(ts),
-            rounds=len(ts),
             tokens_per_s=args.batch * n / step_s,
             flops=work / step_s,
             mfu=work / step_s / peak_flops,
@@ -380,11 +373,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{min(matmul) / 1e9:.1f}..{max(matmul) / 1e9:.1f})")  # fmt: skip
     print(f"mid size: {describe(model_kwargs)}; SiMBA {params['simba'] / 1e6:.1f}M, Transformer "
           f"{params['transformer'] / 1e6:.1f}M parameters; batch {args.batch}, caption {TEXT_LEN} tokens")  # fmt: skip
-    print(f"one step = forward + backward + clip + AdamW; median of the timed rounds after 1 warm-up round; "
+    print(f"one step = forward + backward + clip + AdamW; median of {repeats} rounds after 1 warm-up round; "
           f"load average {load_before} before, {load_after} after")  # fmt: skip
     print(f"peak memory: {memory.method}")
     header = f"{'length':>7} {'decoder':<12}{'s/step':>8}{'tokens/s':>10}{'GFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}"
-    print(header + f"{'KiB/token':>11}{'SiMBA/Tr':>10}{'rounds':>8}")
+    print(header + f"{'KiB/token':>11}{'SiMBA/Tr':>10}")
     for n in lengths:
         for arch in ARCHS:
             r = rows[(arch, n)]
@@ -392,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             per_token = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes_per_token'] / 1024:.0f}"
             ratio = f"{speedup[n]:.2f}" if arch == "simba" else ""
             print(f"{n:>7} {arch:<12}{r['step_s']:>8.2f}{r['tokens_per_s']:>10.0f}{r['flops'] / 1e9:>9.1f}"
-                  f"{r['mfu']:>7.3f}{mem:>10}{per_token:>11}{ratio:>10}{r['rounds']:>8}")  # fmt: skip
+                  f"{r['mfu']:>7.3f}{mem:>10}{per_token:>11}{ratio:>10}")  # fmt: skip
     for arch in ARCHS:
         mem = "" if mem_slope[arch] is None else f", peak memory {mem_slope[arch] / 1024:.0f} KiB/token (slope)"
         print(f"{arch}: step time ~ length^{exponents[arch]:.2f} over {lengths[0]}..{lengths[-1]}{mem}")
@@ -418,7 +411,6 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "text_len": TEXT_LEN,
         "repeats": repeats,
-        "long_repeats": min(args.long_repeats, repeats) if LONG in lengths else 0,
         "lengths": list(lengths),
         "memory_method": memory.method,
         "load_average_before": load_before,
