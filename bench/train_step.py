@@ -37,7 +37,8 @@ Results use the median over the timed rounds; the `*_best` keys use each step's 
 matmul instead: other load on a shared machine only ever adds time, so when the two disagree the machine was
 busy (the load average before and after is printed too).
 
-    python bench/train_step.py [--json] [--quick] [--repeats 3] [--batch 1] [--layers 6] [--threads N]
+    python bench/train_step.py [--json] [--quick] [--repeats 3] [--batch 1] [--layers 6] [--chunk-size 256]
+                               [--threads N]
     python bench/train_step.py --profile [--json]     # torch.profiler over SiMBA steps at 2588 tokens
 
 `--quick` (~1 minute): lengths 512, 1024, 2588 and 2 timed rounds. `--profile` runs no benchmark: it prints the
@@ -79,6 +80,7 @@ QUICK_LENGTHS = (512, 1024, 2588)
 KEY_LENGTH = 2588
 ARCHS = ("simba", "transformer")
 TARGET_MFU = 0.4
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm")
 
 
 # --------------------------------------------------------------------------------------------------- machine
@@ -105,8 +107,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
+def matmul_size(device: torch.device) -> int:
+    """Square matmul size that runs near the device's peak: 2048 saturates a CPU, a GPU needs more."""
+    return 8192 if device.type == "cuda" else 2048
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
     """FLOP/s of an n x n x n torch.mm in `dtype`: the best the machine does on dense matmuls (median)."""
+    n = matmul_size(device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
@@ -258,17 +266,21 @@ def profile(model_kwargs: dict, device: torch.device, batch_size: int, steps: in
             trainee.step(batch)
     wall = (time.perf_counter() - t0) / steps
     events = prof.key_averages()
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"SiMBA {describe(model_kwargs)}, batch {batch_size} x {KEY_LENGTH} tokens (+{TEXT_LEN} prefix), "
           f"{steps} profiled steps, {wall:.2f} s/step under the profiler, {device_name(device)}")  # fmt: skip
     print(events.table(sort_by=sort_by, row_limit=top, max_name_column_width=48))
     total = sum(e.self_cpu_time_total for e in events)
     ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     shares = [e.self_cpu_time_total / total for e in ranked]
+    matmul_share = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / total
+    print(f"matmul ops ({', '.join(MATMUL_OPS)}): {matmul_share:.1%} of self CPU time; the rest is elementwise, "
+          f"layout (copy_), scan (cumsum) and reduction work")  # fmt: skip
     return {
         "profile_length": KEY_LENGTH,
         "profile_steps": steps,
         "profile_s_per_step": wall,
+        "matmul_share": matmul_share,
         "top_self_cpu": [
             {"op": e.key, "calls": e.count, "self_cpu_s": e.self_cpu_time_total / 1e6 / steps, "share": share}
             for e, share in zip(ranked, shares, strict=True)
@@ -293,18 +305,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; --quick 2)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--layers", type=int, default=MID["n_layers"])
+    parser.add_argument("--chunk-size", type=int, default=MID["chunk_size"], help="SiMBA's SSD chunk length")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--profile", action="store_true", help="only profile SiMBA steps at 2588 tokens")
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=20, help="ops listed by --profile")
     args = parser.parse_args(argv)
     repeats = args.repeats if args.repeats is not None else 2 if args.quick else 3
-    if min(repeats, args.batch, args.layers) < 1:
-        parser.error("--repeats, --batch and --layers must be >= 1")
+    if min(repeats, args.batch, args.layers, args.chunk_size) < 1:
+        parser.error("--repeats, --batch, --layers and --chunk-size must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model_kwargs = dict(MID, n_layers=args.layers)
+    model_kwargs = dict(MID, n_layers=args.layers, chunk_size=args.chunk_size)
 
     if args.profile:
         result = profile(model_kwargs, device, args.batch, args.profile_steps, args.top)
@@ -369,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
 
     params = {arch: trainees[arch].params for arch in ARCHS}
     print(f"device: {device_name(device)}; compute {str(compute_dtype).removeprefix('torch.')}; "
-          f"matmul {peak_flops / 1e9:.1f} GFLOP/s (2048^3 torch.mm, median of {len(matmul)} rounds: "
+          f"matmul {peak_flops / 1e9:.1f} GFLOP/s ({matmul_size(device)}^3 torch.mm, median of {len(matmul)} rounds: "
           f"{min(matmul) / 1e9:.1f}..{max(matmul) / 1e9:.1f})")  # fmt: skip
     print(f"mid size: {describe(model_kwargs)}; SiMBA {params['simba'] / 1e6:.1f}M, Transformer "
           f"{params['transformer'] / 1e6:.1f}M parameters; batch {args.batch}, caption {TEXT_LEN} tokens")  # fmt: skip
