@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 PY := .venv/bin/python
 
-.PHONY: uv install test lint demo bench clean
+.PHONY: uv install test lint demo bench bench-train clean
 
 uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -29,6 +29,10 @@ lint: install
 
 bench: install
 	$(PY) bench/generate.py
+
+# Training-step tokens/s and MFU of both decoders (~3 minutes on 2 idle cores; bench/train_step.py --quick: ~1).
+bench-train: install
+	$(PY) bench/train_step.py
 
 clean:
 	rm -rf .venv .pytest_cache
