@@ -122,3 +122,31 @@ def preprocessed(corpus, tiny_pretrained, tmp_path_factory):
     start_local_ray()
     cfg = preprocess_config(corpus, tiny_pretrained, tmp_path_factory.mktemp("preprocessed"))
     return cfg, run_preprocess(cfg)
+
+
+def go_offline(monkeypatch, tmp_path) -> None:
+    """Empty weight caches (HOME, torch hub, Hugging Face), the hub in offline mode, and no internet connection:
+    for the autouse `offline` fixtures of the tests that load pretrained parts."""
+    import socket
+
+    import huggingface_hub.constants
+    import torch
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # dac caches under ~/.cache/descript
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads these at import time; transformers and hf_hub_download look them up per call.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert torch.hub.get_dir().startswith(str(tmp_path))
+
+    connect = socket.socket.connect
+
+    def guarded(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise AssertionError(f"network access attempted: {address}")
+        return connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)

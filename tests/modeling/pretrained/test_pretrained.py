@@ -10,7 +10,6 @@ import math
 import os
 import random
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from modeling.pretrained.errors import MissingWeightsError
 from modeling.pretrained.separator import load_separator, remove_vocals
 from modeling.pretrained.text_encoder import TextEncoder
 from modeling.pretrained.tiny import make_tiny_pretrained
+from tests.conftest import go_offline
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning"),  # audiotools' docstrings
@@ -45,26 +45,7 @@ def sine(seconds: float, freq: float = 440.0) -> np.ndarray:
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
     """Empty weight caches, hub offline, and no internet connections."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # dac caches under ~/.cache/descript
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads these at import time; transformers and hf_hub_download look them up per call.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    assert torch.hub.get_dir().startswith(str(tmp_path))
-
-    connect = socket.socket.connect
-
-    def guarded(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            raise AssertionError(f"network access attempted: {address}")
-        return connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
+    go_offline(monkeypatch, tmp_path)
 
 
 @pytest.fixture(scope="module")
