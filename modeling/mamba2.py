@@ -78,6 +78,16 @@ def _segsum(x: Tensor) -> Tensor:
     return out.masked_fill(~on_or_below, float("-inf"))
 
 
+# The pure path's SSD chunk. Its within-chunk work is a (chunk x chunk) decay matrix per chunk and head: the
+# segsum (a masked cumsum and, in backward, flip + cumsum + flip), exp and products over it are memory-bound,
+# so their cost grows with the chunk while the matmuls' share falls. One Mamba2 layer (d_model 512, d_state
+# 128, headdim 64), forward + backward over 2620 positions on a 2-core AMD EPYC: chunk 32 461 ms, 64 345 ms,
+# 128 360 ms, 256 572 ms; a whole 6-layer SiMBA training step at 2588 tokens 3.96 -> 2.72 s (bench/train_step.py).
+# The chunk changes the work, not the result (tests/modeling/test_mamba2.py), so no CPU is tuned for here:
+# a smaller chunk does fewer operations on every machine. The CUDA kernel keeps the configured chunk_size.
+PURE_PATH_MAX_CHUNK = 64
+
+
 def _ssd_chunked(
     x: Tensor, dA: Tensor, B: Tensor, C: Tensor, chunk_size: int, initial_state: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -193,7 +203,8 @@ class Mamba2(nn.Module):
         rmsnorm: gated RMSNorm before out_proj (else y * silu(z)).
         norm_before_gate: see RMSNormGated.
         bias, conv_bias: biases of in_proj / out_proj and of the conv.
-        chunk_size: SSD chunk length (an efficiency knob; outputs do not depend on it).
+        chunk_size: SSD chunk length (an efficiency knob; outputs do not depend on it). The fast path uses it
+            as is; the pure path caps it at PURE_PATH_MAX_CHUNK.
         layer_idx: position in the stack (kept for mamba_ssm compatibility).
         use_fast_path: use mamba_ssm / causal_conv1d kernels on CUDA when importable.
     """
@@ -418,7 +429,7 @@ class Mamba2(nn.Module):
                 )
                 y, final_ssm_state = out if return_final_state else (out, None)
             else:
-                chunk = min(self.chunk_size, seqlen)
+                chunk = min(self.chunk_size, PURE_PATH_MAX_CHUNK, seqlen)
                 y, final_ssm_state = _ssd_chunked(
                     x * dt[..., None],
                     A * dt,

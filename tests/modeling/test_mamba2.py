@@ -181,6 +181,32 @@ def test_chunk_size_does_not_change_output():
         check_close(f"ssm_state chunk {chunk} vs 8", outs[chunk][1][1], outs[8][1][1], atol=1e-5, rtol=1e-4)
 
 
+def test_the_pure_path_caps_its_chunk_and_the_output_stays(monkeypatch):
+    """chunk_size 256 runs as chunks of PURE_PATH_MAX_CHUNK (64) on the pure path: the same output as 256 would
+    give (the SSD with chunk 256 called directly), in less time (see the constant's comment)."""
+    import modeling.mamba2 as mamba2_module
+
+    chunks = []
+    real = mamba2_module._ssd_chunked
+
+    def spy(*args):
+        chunks.append(args[4])
+        return real(*args)
+
+    monkeypatch.setattr(mamba2_module, "_ssd_chunked", spy)
+    m = make_mamba(chunk_size=256)
+    u = torch.randn(1, 300, D_MODEL)
+    y = m(u)
+    assert chunks == [mamba2_module.PURE_PATH_MAX_CHUNK] == [64]
+    m.chunk_size = 8  # below the cap: used as configured
+    m(u)
+    assert chunks[-1] == 8
+    monkeypatch.setattr(mamba2_module, "PURE_PATH_MAX_CHUNK", 256)  # what the old code ran
+    m.chunk_size = 256
+    check_close("y chunk 64 vs 256", y, m(u), atol=1e-5, rtol=1e-4)
+    assert chunks[-1] == 256
+
+
 @pytest.mark.parametrize("split", [2, 13, 30])
 def test_carried_state_equals_one_pass(split):
     m = make_mamba()
