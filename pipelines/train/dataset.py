@@ -171,9 +171,6 @@ class EpochBatches:
         return rank_rows(len(self.split), epoch=epoch, seed=self.seed, rank=self.rank, world=self.world,
                          batch_size=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last)  # fmt: skip
 
-    def batches_per_epoch(self) -> int:
-        return -(-len(self.rows(0)) // self.batch_size)
-
     def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Numpy micro-batches of `epoch` from micro-batch `start` on (a resumed run skips what it consumed)."""
         rows = self.rows(epoch)
