@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import json
 import math
 import os
@@ -71,6 +72,7 @@ from modeling.builders import build_model  # noqa: E402
 from modeling.lm import TextToMusicLM  # noqa: E402
 from modeling.summary import forward_flops_per_token  # noqa: E402
 from pipelines.train.optim import autocast_dtype, clip_and_step, make_optimizer  # noqa: E402
+from pipelines.train.progress import matmul_seconds  # noqa: E402
 
 # bench/generate.py's MID width, 6 layers (see the docstring).
 MID = dict(d_model=512, n_layers=6, mlp_dim=1024, n_heads=8, d_state=128, headdim=64, chunk_size=256, dropout=0.0)
@@ -115,16 +117,7 @@ def matmul_size(device: torch.device) -> int:
 def matmul_flops(device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
     """FLOP/s of an n x n x n torch.mm in `dtype`: the best the machine does on dense matmuls (median)."""
     n = matmul_size(device)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    times = list(itertools.islice(matmul_seconds(device, dtype, n), repeats))
     return 2 * n**3 / statistics.median(times)
 
 

@@ -10,6 +10,7 @@ CPU, MFU is relative to what this machine's matmul reaches, not to a nominal fig
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -37,23 +38,36 @@ def train_flops_per_token(cfg: ExperimentConfig, model: TextToMusicLM) -> float:
     return 3.0 * forward_flops_per_token(cfg, model, cfg.data.max_frames + 1 + prefix, TYPICAL_TEXT_LEN)
 
 
+def matmul_seconds(device: torch.device, dtype: torch.dtype, n: int) -> Iterator[float]:
+    """Wall times of successive n x n x n matmuls on `device` in `dtype`, after one untimed warm-up.
+
+    The one matmul measurement behind both the workers' MFU (`measured_matmul_flops`) and bench/train_step.py;
+    each caller decides how many to take and how to summarise them (2 n^3 / time is the FLOP/s).
+    """
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    torch.mm(a, b)
+    sync()
+    while True:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        yield time.perf_counter() - t0
+
+
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
     """FLOP/s of a square matmul on `device` in `dtype`, best of repeated timings for about `seconds`."""
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
     deadline = time.perf_counter() + seconds
-    for i in range(100):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i > 0:  # the first one warms up
-            best = min(best, time.perf_counter() - t0)
-        if i > 1 and time.perf_counter() > deadline:
+    best = float("inf")
+    for k, elapsed in enumerate(matmul_seconds(device, dtype, n), 1):
+        best = min(best, elapsed)
+        if k >= 99 or (k >= 2 and time.perf_counter() > deadline):
             break
     return 2.0 * n**3 / best
 
