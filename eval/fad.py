@@ -30,7 +30,7 @@ import torch
 import torchaudio.functional as AF
 
 from eval.audio import peak_normalize, prepare
-from modeling.pretrained.errors import missing
+from modeling.pretrained.errors import weights_file
 
 DEFAULT_VGGISH = "vggish"
 VGGISH_CHECKPOINTS = {"vggish": "vggish-10086976.pth"}
@@ -75,12 +75,13 @@ class Vggish:
     ):
         from torchvggish.torchvggish import VGG, make_layers  # here: pulls resampy / numba in (seconds)
 
-        spec = str(path_or_id)
-        path = Path(spec).expanduser()
-        if spec in VGGISH_CHECKPOINTS and not path.exists():
-            path = vggish_cache_path(spec)
-        if not path.is_file():
-            raise missing("VGGish weights", path, setting, "path to a torchvggish .pth state dict")
+        path = weights_file(
+            path_or_id,
+            "VGGish weights",
+            setting,
+            "path to a torchvggish .pth state dict",
+            cached=lambda spec: vggish_cache_path(spec) if spec in VGGISH_CHECKPOINTS else None,
+        )
         model = VGG(make_layers(), postprocess=False)  # postprocess=True would fetch the PCA parameters
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         # Google's VGGish ends in a linear fc2; the torch port appends a ReLU. Its parameters keep their names.

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from eval.audio import prepare, split_segments
-from modeling.pretrained.errors import missing
+from modeling.pretrained.errors import weights_file
 
 DEFAULT_PASST = "passt_s_swa_p16_128_ap476"
 # id -> the file name hear21passt downloads it as (timm's cache keeps the URL's last component).
@@ -99,12 +99,13 @@ class Passt:
             from hear21passt.models.preprocess import AugmentMelSTFT
             from hear21passt.wrapper import PasstBasicWrapper
 
-        spec = str(path_or_id)
-        path = Path(spec).expanduser()
-        if spec in PASST_CHECKPOINTS and not path.exists():
-            path = passt_cache_path(spec)
-        if not path.is_file():
-            raise missing("PaSST weights", path, setting, "path to a PaSST .pt state dict")
+        path = weights_file(
+            path_or_id,
+            "PaSST weights",
+            setting,
+            "path to a PaSST .pt state dict",
+            cached=lambda spec: passt_cache_path(spec) if spec in PASST_CHECKPOINTS else None,
+        )
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state)  # some releases wrap the state dict, as hear21passt's filter allows
         width = state["cls_token"].shape[-1]

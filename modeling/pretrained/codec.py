@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from modeling.pretrained.errors import missing
+from modeling.pretrained.errors import weights_file
 
 if TYPE_CHECKING:
     import dac
@@ -54,12 +54,13 @@ def load_codec(path_or_id: str | Path = "44khz", device: str | torch.device = "c
     """
     import dac  # here: dac takes seconds to import (see the module docstring)
 
-    spec = str(path_or_id)
-    path = Path(spec).expanduser()
-    if spec.split("_", 1)[0].lower() in DAC_IDS and not path.exists():
-        path = dac_cache_path(spec)
-    if not path.is_file():
-        raise missing("DAC weights", path, setting, "path to a .pth saved by dac")
+    path = weights_file(
+        path_or_id,
+        "DAC weights",
+        setting,
+        "path to a .pth saved by dac",
+        cached=lambda spec: dac_cache_path(spec) if spec.split("_", 1)[0].lower() in DAC_IDS else None,
+    )
     model = dac.DAC.load(str(path))
     return model.to(device).eval()
 

@@ -6,6 +6,7 @@ imports nothing heavy, so a job can catch `MissingWeightsError` without importin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -21,3 +22,17 @@ def missing(what: str, where: str | Path, setting: str, hint: str) -> MissingWei
         f"{what} not found at {where}; set {setting}=<{hint}> "
         "(weights are never downloaded: put them there or point the setting at a local copy)"
     )
+
+
+def weights_file(
+    path_or_id: str | Path, what: str, setting: str, hint: str, cached: Callable[[str], Path | None] | None = None
+) -> Path:
+    """The local file a loader reads: `path_or_id` itself when it exists, else where the library's download cache
+    keeps it (`cached(id)`, None for an id the library does not know); `missing(...)` when no file is there."""
+    spec = str(path_or_id)
+    path = Path(spec).expanduser()
+    if not path.exists() and cached is not None:
+        path = cached(spec) or path
+    if not path.is_file():
+        raise missing(what, path, setting, hint)
+    return path
