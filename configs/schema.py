@@ -318,13 +318,19 @@ class EvalConfig(Section):
     seconds: Float = 10.0  # generations and references are compared over their first `seconds`
     limit: Int | None = None  # the first N captions of the eval set; None: all
     batch_size: Int = 8  # clips per forward pass of CLAP, PaSST and VGGish
+    # The eval set (`simba-ttm make-evalset`): Song Describer captions + audio, or any CSV of that layout.
+    set_csv: str = "data/song_describer.csv"  # caption_id, track_id, caption, path (audio under set_audio_root)
+    set_audio_root: str = "data/song_describer/audio"
+    set_dir: str = "data/evalset"  # evalset/*.parquet: caption, T5 embedding, reference audio + DAC codes
+    reference_offset: Float = 0.0  # seconds into each audio file where the reference clip starts
 
     def _validate(self) -> None:
-        for name in ("clap", "passt", "vggish"):
+        for name in ("clap", "passt", "vggish", "set_csv", "set_audio_root", "set_dir"):
             self._require(name, bool(getattr(self, name)), "a non-empty string")
         self._require("seconds", self.seconds > 0.0, "> 0")
         self._require("limit", self.limit is None or self.limit >= 1, "null (all) or >= 1")
         self._require("batch_size", self.batch_size >= 1, ">= 1")
+        self._require("reference_offset", self.reference_offset >= 0.0, ">= 0")
 
 
 @section

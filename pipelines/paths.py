@@ -30,6 +30,7 @@ PATH_KEYS = {
     "data": ("tokens_dir",),
     "preprocess": ("metadata_tsv", "audio_root", "exclude_csv", "rejects_dir", "caption_file"),
     "train": ("storage_path",),
+    "eval": ("set_csv", "set_audio_root", "set_dir"),
 }
 PATH_OR_ID_KEYS = {
     "preprocess": ("separator", "codec", "text_encoder", "caption_model"),
@@ -40,6 +41,7 @@ PATH_OR_ID_KEYS = {
 PREPROCESS_PATHS = ("preprocess.metadata_tsv", "preprocess.audio_root", "preprocess.exclude_csv",
                     "preprocess.caption_file", "data.tokens_dir", "preprocess.rejects_dir")  # fmt: skip
 TRAIN_PATHS = ("data.tokens_dir", "train.storage_path")  # and the MLflow store
+EVALSET_PATHS = ("eval.set_csv", "eval.set_audio_root", "eval.set_dir")
 
 SQLITE = "sqlite:///"
 # The job config that Ray's job supervisor gives a submitted job's entrypoint (ray/_private/runtime_env/
