@@ -106,7 +106,9 @@ def read_evalset(directory: str | Path, limit: int | None = None) -> EvalSet:
     rates = set(table.column("sample_rate").to_pylist())
     lengths = set(pa.compute.list_value_length(table.column("audio")).to_pylist())
     if len(rates) != 1 or len(lengths) != 1:
-        raise ValueError(f"eval set {directory}: references must share one sample rate and length, got {rates}, {lengths}")
+        raise ValueError(
+            f"eval set {directory}: references must share one sample rate and length, got {rates}, {lengths}"
+        )
     n, length = table.num_rows, lengths.pop()
     audio = table.column("audio").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     audio = audio.reshape(n, length).astype(np.float32) / np.float32(PCM_SCALE)

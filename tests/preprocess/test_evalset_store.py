@@ -45,7 +45,9 @@ def test_parts_read_back_in_csv_order_and_limit_takes_the_first(tmp_path):
 
 
 def test_pcm16_rounds_and_clips():
-    np.testing.assert_array_equal(to_pcm16(np.array([0.0, 1.0, -1.0, 2.0, 0.5 / PCM_SCALE * 0.9])), [0, 32767, -32767, 32767, 0])
+    np.testing.assert_array_equal(
+        to_pcm16(np.array([0.0, 1.0, -1.0, 2.0, 0.5 / PCM_SCALE * 0.9])), [0, 32767, -32767, 32767, 0]
+    )
 
 
 def test_a_missing_set_names_the_command(tmp_path):
