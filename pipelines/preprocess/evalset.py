@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.preprocess.tokens import PART_GLOB, _nested, read_parts, write_part
 
@@ -104,7 +105,7 @@ def read_evalset(directory: str | Path, limit: int | None = None) -> EvalSet:
     if limit is not None:
         table = table.slice(0, limit)
     rates = set(table.column("sample_rate").to_pylist())
-    lengths = set(pa.compute.list_value_length(table.column("audio")).to_pylist())
+    lengths = set(pc.list_value_length(table.column("audio")).to_pylist())
     if len(rates) != 1 or len(lengths) != 1:
         raise ValueError(
             f"eval set {directory}: references must share one sample rate and length, got {rates}, {lengths}"
