@@ -124,6 +124,57 @@ def preprocessed(corpus, tiny_pretrained, tmp_path_factory):
     return cfg, run_preprocess(cfg)
 
 
+EVALSET_CAPTIONS = (
+    ("0000011", "A calm piano piece in C major."),
+    ("0000011", "Slow solo piano, quiet and warm."),
+    ("0000022", "Fast electronic track with a bright synthesizer lead."),
+    ("0000022", "Energetic synth music with a steady pulse."),
+    ("0000033", "A low drone with noisy percussion."),
+    ("0000033", "Dark ambient textures over a low hum."),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_evalset(tiny_pretrained, tmp_path_factory) -> Path:
+    """An eval set of 6 captions over 3 synthesized tracks (2 s references, tiny DAC codes, tiny T5 features),
+    written straight through `write_evalset_part`; make-evalset's own tests run the Ray pipeline."""
+    import numpy as np
+
+    from modeling.pretrained.codec import encode_codes, load_codec
+    from modeling.pretrained.text_encoder import TextEncoder
+    from pipelines.preprocess.evalset import write_evalset_part
+
+    sr, n = 44100, 88200
+    t = np.arange(n) / sr
+    rng = np.random.default_rng(0)
+    audio = {
+        "0000011": 0.3 * np.sin(2 * np.pi * 261.6 * t) * np.exp(-(t % 0.5) * 4),
+        "0000022": 0.2 * np.sign(np.sin(2 * np.pi * 880 * t)) * (np.sin(2 * np.pi * 4 * t) > 0),
+        "0000033": 0.2 * np.sin(2 * np.pi * 55 * t) + 0.05 * rng.standard_normal(n),
+    }
+    audio = {k: v.astype(np.float32) for k, v in audio.items()}
+    codec = load_codec(tiny_pretrained["codec"])
+    codes = {k: encode_codes(codec, v) for k, v in audio.items()}
+    emb, lengths = TextEncoder(tiny_pretrained["text_encoder"])([c for _, c in EVALSET_CAPTIONS])
+    rows = [
+        dict(
+            index=i,
+            caption_id=str(500 + i),
+            track_id=track,
+            caption=text,
+            text_emb=emb[i, : lengths[i]],
+            audio=audio[track],
+            sample_rate=sr,
+            codes=codes[track],
+        )  # fmt: skip
+        for i, (track, text) in enumerate(EVALSET_CAPTIONS)
+    ]
+    out = tmp_path_factory.mktemp("evalset")
+    write_evalset_part(rows[:4], out)
+    write_evalset_part(rows[4:], out)
+    return out
+
+
 def go_offline(monkeypatch, tmp_path) -> None:
     """Empty weight caches (HOME, torch hub, Hugging Face), the hub in offline mode, and no internet connection:
     for the autouse `offline` fixtures of the tests that load pretrained parts."""

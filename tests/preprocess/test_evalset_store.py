@@ -53,3 +53,11 @@ def test_pcm16_rounds_and_clips():
 def test_a_missing_set_names_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="make-evalset"):
         read_evalset(tmp_path / "nowhere")
+
+
+def test_the_shared_tiny_evalset_fixture(tiny_evalset):
+    from tests.conftest import EVALSET_CAPTIONS
+
+    s = read_evalset(tiny_evalset)
+    assert s.captions == [c for _, c in EVALSET_CAPTIONS] and s.audio.shape == (6, 88200)
+    assert all(c.shape[0] == 9 and c.shape[1] == s.codes[0].shape[1] for c in s.codes)
