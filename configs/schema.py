@@ -214,6 +214,8 @@ class TrainConfig(Section):
     ema_decay: Float = 0.0  # 0 = off (paper); e.g. 0.99 (MusicGen): samples, best/ and model.pt use the EMA weights
     log_every: Int = 10  # optimizer steps between progress lines (MLflow gets every step)
     peak_tflops: Float = 0.0  # per worker, for MFU; 0 = the datasheet figure of a known GPU, else a measured matmul
+    eval_every: Int = 0  # optimizer steps between FAD/KLD/CLAP of eval.limit captions during training; 0 = off
+    eval_checkpoint_every: Int = 0  # keep weights-only model.pt files every N steps (never pruned) to evaluate later
 
     def _validate(self) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "num_workers", "checkpoint_every", "keep_checkpoints",
@@ -228,6 +230,8 @@ class TrainConfig(Section):
             "weight_decay",
             "grad_clip",
             "peak_tflops",
+            "eval_every",
+            "eval_checkpoint_every",
         ):
             self._require(name, getattr(self, name) >= 0, ">= 0")
         self._require("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1)")
@@ -323,6 +327,10 @@ class EvalConfig(Section):
     set_audio_root: str = "data/song_describer/audio"
     set_dir: str = "data/evalset"  # evalset/*.parquet: caption, T5 embedding, reference audio + DAC codes
     reference_offset: Float = 0.0  # seconds into each audio file where the reference clip starts
+    # `simba-ttm evaluate` on Ray: generation tasks, then an actor pool of scorers (CLAP + PaSST + VGGish each)
+    generators: Int = 1  # generation tasks over the captions (one GPU each when the device is cuda)
+    actors: Int = 1  # scorer actors
+    gpus_per_actor: Float = 0.5  # per scorer actor; 0 = on CPUs
 
     def _validate(self) -> None:
         for name in ("clap", "passt", "vggish", "set_csv", "set_audio_root", "set_dir"):
@@ -331,6 +339,9 @@ class EvalConfig(Section):
         self._require("limit", self.limit is None or self.limit >= 1, "null (all) or >= 1")
         self._require("batch_size", self.batch_size >= 1, ">= 1")
         self._require("reference_offset", self.reference_offset >= 0.0, ">= 0")
+        self._require("generators", self.generators >= 1, ">= 1")
+        self._require("actors", self.actors >= 1, ">= 1")
+        self._require("gpus_per_actor", self.gpus_per_actor >= 0.0, ">= 0")
 
 
 @section

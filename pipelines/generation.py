@@ -11,6 +11,7 @@ import dataclasses
 import json
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,37 +46,25 @@ def _text_dim_name(dim: int) -> str:
     return f"{dim}-d text ({FLAN_T5[dim]})" if dim in FLAN_T5 else f"{dim}-d text"
 
 
-@torch.no_grad()
+TextFeatures = Callable[[list[int]], tuple[np.ndarray, np.ndarray]]
+
+
 def generate_audio(
     model: TextToMusicLM,
     captions: list[str],
     *,
     text_encoder: TextEncoder,
     codec,
-    n_frames: int,
-    top_k: int = 250,
-    top_p: float = 0.0,
-    temperature: float = 1.0,
-    cfg_scale: float = 3.0,
-    seed: int = 0,
-    batch_size: int = 4,
-    compile: bool = False,
-    device: str | torch.device = "cpu",
+    **options,
 ) -> list[Sample]:
-    """Generate one clip per caption.
-
-    Batch b is sampled with seed `seed + b`: batches differ from each other, and the whole call is
-    reproducible for a given (seed, batch_size).
+    """Generate one clip per caption, encoding the captions with the frozen `text_encoder`.
 
     Args:
         model: a decoder on `device` (its train/eval mode is restored afterwards).
         captions: the prompts.
         text_encoder: the frozen encoder the model was trained with (checked by width).
         codec: a DAC model (`modeling.pretrained.codec.load_codec`); audio comes back at `codec.sample_rate`.
-        n_frames: codec frames per clip (~86 per second).
-        top_k, top_p, temperature, cfg_scale: sampling, as in `TextToMusicLM.generate`.
-        batch_size: captions per `generate` call.
-        compile: decode with the compiled step (`modeling.compiled`; attention-free SiMBA only).
+        options: `generate_from_features`'s sampling options.
     Returns:
         one Sample per caption, in order, with `wav` / `png` unset.
     Raises:
@@ -87,16 +76,60 @@ def generate_audio(
             f"{_text_dim_name(text_encoder.dim)}; use the encoder the model was trained with "
             "(preprocess.text_encoder in its config)"
         )
+    return generate_from_features(
+        model, captions, lambda rows: text_encoder([captions[i] for i in rows]), codec=codec, **options
+    )
+
+
+@torch.no_grad()
+def generate_from_features(
+    model: TextToMusicLM,
+    captions: list[str],
+    features: TextFeatures,
+    *,
+    codec,
+    n_frames: int,
+    top_k: int = 250,
+    top_p: float = 0.0,
+    temperature: float = 1.0,
+    cfg_scale: float = 3.0,
+    seed: int = 0,
+    batch_size: int = 4,
+    compile: bool = False,
+    device: str | torch.device = "cpu",
+) -> list[Sample]:
+    """Generate one clip per caption from text features computed beforehand (an eval set stores them).
+
+    Batch b is sampled with seed `seed + b`: batches differ from each other, and the whole call is
+    reproducible for a given (seed, batch_size).
+
+    Args:
+        captions: the prompts (kept with the samples; `features` gives what the model reads).
+        features: caption rows -> right-padded (B, S, text_dim) float16 features and (B,) lengths, the layout
+            training read (`TextEncoder.__call__`, `EvalSet.text_batch`).
+        codec: a DAC model; audio comes back at `codec.sample_rate`.
+        n_frames: codec frames per clip (~86 per second).
+        top_k, top_p, temperature, cfg_scale: sampling, as in `TextToMusicLM.generate`.
+        batch_size: captions per `generate` call.
+        compile: decode with the compiled step (`modeling.compiled`; attention-free SiMBA only).
+    Raises:
+        ValueError when the features' width is not the model's.
+    """
     if n_frames < 1 or batch_size < 1:
         raise ValueError(f"n_frames and batch_size must be >= 1, got {n_frames} and {batch_size}")
     device = torch.device(device)
     dtype = next(model.parameters()).dtype
     samples = []
     for b, start in enumerate(range(0, len(captions), batch_size)):
-        batch = list(captions[start : start + batch_size])
-        emb, lengths = text_encoder(batch)  # (B, S, text_dim) fp16 right-padded, (B,)
-        text = torch.from_numpy(emb).to(device=device, dtype=dtype)
-        lengths = torch.from_numpy(lengths).to(device)
+        rows = list(range(start, min(start + batch_size, len(captions))))
+        emb, lengths = features(rows)  # (B, S, text_dim) fp16 right-padded, (B,)
+        if emb.shape[-1] != model.text_dim:
+            raise ValueError(
+                f"the checkpoint expects {_text_dim_name(model.text_dim)} but the captions' features are "
+                f"{_text_dim_name(emb.shape[-1])}; use the text encoder the model was trained with"
+            )
+        text = torch.from_numpy(np.asarray(emb)).to(device=device, dtype=dtype)
+        lengths = torch.from_numpy(np.asarray(lengths)).to(device)
         mask = torch.arange(text.shape[1], device=device)[None] < lengths[:, None]  # (B, S)
         tokens = model.generate(
             text,
@@ -111,9 +144,9 @@ def generate_audio(
         )  # (B, n_frames)
         tokens = tokens.cpu().numpy()
         # One clip at a time: decoding 30 s clips as a batch would multiply the codec's activation memory.
-        for caption, toks in zip(batch, tokens, strict=True):
+        for row, toks in zip(rows, tokens, strict=True):
             audio = decode_codebook0(codec, toks).astype(np.float32)  # (n_frames * hop,)
-            samples.append(Sample(caption, toks, audio, int(codec.sample_rate)))
+            samples.append(Sample(captions[row], toks, audio, int(codec.sample_rate)))
     return samples
 
 
