@@ -143,7 +143,7 @@ def evidence_on_ray(
         fn_constructor_kwargs={"eval_cfg": dataclasses.asdict(eval_cfg), "device": device},
         batch_size=eval_cfg.batch_size,
         batch_format="numpy",
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus_per_actor,
         num_cpus=1,
     )

@@ -12,6 +12,7 @@ JOBS = {
     "preprocess": ("ray_jobs.preprocess", "Jamendo audio -> DAC tokens + T5 embeddings (Ray Data -> Parquet)"),
     "train": ("ray_jobs.train", "train Prefix SiMBA or the Cross Transformer on Ray Train, logging to MLflow"),
     "generate": ("ray_jobs.generate", "WAV + spectrogram for prompts from a checkpoint"),
+    "evaluate": ("ray_jobs.evaluate", "FAD, KLD, CLAP of a checkpoint (or every checkpoint of a run), to MLflow"),
     "demo": ("ray_jobs.demo", "corpus -> preprocess -> train both decoders -> generate, on a CPU in minutes"),
 }
 

@@ -100,6 +100,11 @@ def saved_step(file: str | Path) -> int:
     return int(_load(Path(file), mmap=True)["step"])
 
 
+def saved_config(file: str | Path) -> ExperimentConfig:
+    """The experiment config stored in a model file (memory-mapped: the weights are not read)."""
+    return ExperimentConfig.from_dict(_load(Path(file), mmap=True)["config"])
+
+
 def find_checkpoint(path: str | Path, pick: str = "last") -> Path:
     """Resolve a file, a checkpoint directory or a run folder to one model file.
 

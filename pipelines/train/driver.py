@@ -18,6 +18,7 @@ from ray.train.torch import TorchTrainer
 
 from configs.schema import ConfigError, ExperimentConfig
 from pipelines.paths import absolute_paths
+from pipelines.preprocess.tokens import PART_GLOB
 from pipelines.runtime import ensure_ray
 from pipelines.train.dataset import count_split, token_files
 from pipelines.train.loop import train_loop_per_worker
@@ -41,6 +42,11 @@ def check_before_ray(cfg: ExperimentConfig) -> tuple[int, int]:
         raise ConfigError(
             f"the training split has {n_train} rows, fewer than train.batch_size x workers = {need}: "
             "preprocess more data or lower train.batch_size"
+        )
+    if cfg.train.eval_every > 0 and not any(Path(cfg.eval.set_dir).glob(PART_GLOB)):
+        raise ConfigError(
+            f"train.eval_every={cfg.train.eval_every} evaluates on the eval set, but {cfg.eval.set_dir} holds none: "
+            "write it with `simba-ttm make-evalset --config FILE`, point eval.set_dir at one, or set train.eval_every=0"
         )
     return n_train, n_val
 

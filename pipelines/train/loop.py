@@ -25,6 +25,7 @@ import ray.train.torch
 import torch
 
 from configs.schema import ExperimentConfig
+from eval.evaluate import EVAL_CHECKPOINT_DIR, PeriodicEvaluator
 from modeling.builders import build_model
 from pipelines.train.checkpoints import (
     BEST_DIR,
@@ -119,6 +120,9 @@ class TrainRecipe:
         if self.logger is not None and checkpoint is not None:
             self.logger.metrics({"resumed_from_step": self.state.step}, step=self.state.step)
         self.sampler = SampleWriter(cfg, self.device) if self.rank == 0 and t.generate_every > 0 else None
+        self.evaluator = None
+        if self.rank == 0 and t.eval_every > 0:  # the other workers wait for it at the next step's all-reduce
+            self.evaluator = PeriodicEvaluator(cfg, self.device, self.run_dir)
         read = dict(codebook=cfg.data.codebook, max_frames=cfg.data.max_frames, pad_id=cfg.model.pad_id)
         shard = dict(rank=self.rank, world=self.world)
         train_split = TokenSplit.read(cfg.data.tokens_dir, "train", **read)
@@ -231,6 +235,16 @@ class TrainRecipe:
         if self.sampler is not None and (state.step % t.generate_every == 0 or state.step == t.max_steps):
             with self._handed_out() as model, self.timed("samples"):
                 self.sampler(model, state.step, self.logger)
+        if self.evaluator is not None and state.step % t.eval_every == 0:
+            with self._handed_out() as model, self.timed("evaluation"):
+                scores = self.evaluator(model, state.step, self.logger)  # logged with the clips, at this step
+            say(f"[{self.cfg.name}] step {state.step} eval: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        if self.rank == 0 and self.run_dir is not None and t.eval_checkpoint_every > 0:
+            if state.step % t.eval_checkpoint_every == 0:  # weights only, never pruned: for `evaluate --run`
+                with self._handed_out() as model, self.timed("checkpoints"):
+                    save_model(
+                        self.run_dir / EVAL_CHECKPOINT_DIR / f"step_{state.step:06d}", model, self.cfg, state.step
+                    )
         if self.rank == 0 and (state.step % t.log_every == 0 or state.step == t.max_steps):
             say(self.progress.line(state.step, metrics))
         save = state.step % t.checkpoint_every == 0 or state.step == t.max_steps

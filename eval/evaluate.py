@@ -1,0 +1,326 @@
+"""Evaluate checkpoints on the eval set: generate, score (FAD, KLD, CLAP), write metrics.json, log to MLflow.
+
+For one checkpoint (`evaluate_checkpoint`):
+1. generation: `eval.generators` Ray tasks (one GPU each on cuda) generate `eval.seconds` per caption of the eval
+   set (its first `eval.limit`), from the T5 features stored with it, with the checkpoint's sampling settings;
+2. scoring: a Ray Data actor pool of `ClipScorer`s (`eval.actors`, `eval.gpus_per_actor` each) turns the clips into
+   evidence; the references' evidence is computed once and reused for every checkpoint of a call;
+3. outputs: `<run>/eval/step_NNNNNN/` gets the generated WAVs (spectrograms of the first few) and, last,
+   `metrics.json`; the training run the checkpoint came from gets `eval/fad`, `eval/kld`, `eval/kld_reverse` and
+   `eval/clap` at the checkpoint's optimizer step, with metrics.json and the first clips as artifacts.
+A checkpoint whose `metrics.json` exists is done: `evaluate_run` evaluates only the others (resumable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from configs.schema import EvalConfig, ExperimentConfig
+from eval.plots import spectrogram_png
+from eval.scoring import Evidence, evidence_on_ray, set_metrics
+from pipelines.generation import slugify
+from pipelines.preprocess.evalset import EvalSet, read_evalset
+
+EVAL_DIR = "eval"  # in a run folder: one step_NNNNNN/ per evaluated checkpoint
+METRICS_FILE = "metrics.json"
+N_EXAMPLES = 4  # clips per checkpoint with a spectrogram, logged to MLflow
+EVAL_CHECKPOINT_DIR = "eval_checkpoints"  # weights-only checkpoints kept for evaluation (train.eval_checkpoint_every)
+
+
+@dataclass
+class Evaluation:
+    step: int
+    checkpoint: Path
+    metrics: dict[str, float]
+    out_dir: Path
+    run_id: str | None
+    seconds: dict[str, float]
+
+
+def run_dir_of(cfg: ExperimentConfig) -> Path:
+    """The folder a training run writes (checkpoints, best/, config.yaml): storage_path / name."""
+    return Path(cfg.train.storage_path) / cfg.name
+
+
+def run_folder(checkpoint: Path, cfg: ExperimentConfig) -> Path:
+    """The run folder a checkpoint file sits in (the nearest folder above it with the run's config.yaml, so a
+    run copied elsewhere still works), else the one its config names."""
+    for parent in Path(checkpoint).resolve().parents:
+        if (parent / "config.yaml").is_file():
+            return parent
+    return run_dir_of(cfg)
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / EVAL_DIR / f"step_{step:06d}"
+
+
+def run_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """Every saved model of a run folder by optimizer step (Ray Train's checkpoints, local-mode ones, the
+    weights-only evaluation ones), newest file per step; `best/` (a copy of some step) and hidden folders skipped."""
+    from pipelines.train.checkpoints import BEST_DIR, MODEL_FILE, saved_step
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
+    found: dict[int, Path] = {}
+    for file in sorted(run_dir.rglob(MODEL_FILE), key=lambda f: f.stat().st_mtime):
+        parts = file.relative_to(run_dir).parts
+        if any(p.startswith(".") for p in parts) or BEST_DIR in parts[:-1] or parts[0] == EVAL_DIR:
+            continue
+        found[saved_step(file)] = file
+    return dict(sorted(found.items()))
+
+
+def _generate_shard(
+    checkpoint: str, set_dir: str, limit: int | None, rows: list[int], overrides: dict, device: str, first_batch: int
+) -> np.ndarray:
+    """Ray task: clips for eval-set rows `rows` from one checkpoint. Batch b of the whole set is sampled with seed
+    `seed + b` however the rows are sharded (shards start at multiples of the batch size)."""
+    from modeling.pretrained.codec import load_codec
+    from pipelines.generation import generate_from_features, sampling_options
+    from pipelines.train.checkpoints import load_model
+
+    model, cfg, _ = load_model(checkpoint, device=device)
+    evalset = read_evalset(set_dir, limit)
+    codec = load_codec(overrides.pop("codec", None) or cfg.preprocess.codec, device=device, setting="preprocess.codec")
+    options = sampling_options(dataclasses.replace(cfg.generation, **overrides), cfg.data.frame_rate)
+    options["seed"] += first_batch
+    captions = [evalset.captions[i] for i in rows]
+    samples = generate_from_features(
+        model, captions, lambda r: evalset.text_batch([rows[i] for i in r]), codec=codec, device=device, **options
+    )
+    return np.stack([s.audio for s in samples]).astype(np.float32)
+
+
+def generate_for_eval(
+    checkpoint: Path, batch: int, evalset: EvalSet, e: EvalConfig, set_dir: Path, overrides: dict, device: str
+) -> np.ndarray:
+    """(N, T) float32 clips at 44.1 kHz, one per eval-set caption, from `e.generators` Ray tasks generating
+    `batch` captions at a time."""
+    import ray
+
+    n = len(evalset)
+    per_shard = -(-n // e.generators)
+    per_shard = -(-per_shard // batch) * batch  # shards aligned to batches: the seeds do not depend on sharding
+    shards = [list(range(s, min(s + per_shard, n))) for s in range(0, n, per_shard)]
+    if device == "cuda":
+        resources = {"num_gpus": 1, "num_cpus": 1}
+    else:  # torch in a Ray task uses as many threads as the task has CPUs
+        resources = {"num_cpus": max(1, int(ray.available_resources().get("CPU", 1)) // len(shards))}
+    task = ray.remote(_generate_shard).options(**resources)
+    refs = [
+        task.remote(str(checkpoint), str(set_dir), e.limit, rows, dict(overrides), device, rows[0] // batch)
+        for rows in shards
+    ]
+    return np.concatenate(ray.get(refs))
+
+
+def write_outputs(out_dir: Path, evalset: EvalSet, audio: np.ndarray, sample_rate: int, n_examples: int) -> list[Path]:
+    """Each clip as `NNNN_<caption slug>.wav` (16-bit), spectrograms of the first `n_examples`. Returns the example
+    files (WAV and PNG)."""
+    clips = out_dir / "clips"
+    clips.mkdir(parents=True, exist_ok=True)
+    examples = []
+    for i, (caption, clip) in enumerate(zip(evalset.captions, audio, strict=True)):
+        stem = f"{i:04d}_{slugify(caption)}"
+        clip = np.nan_to_num(clip)
+        peak = float(np.abs(clip).max()) if clip.size else 0.0
+        sf.write(clips / f"{stem}.wav", clip / peak if peak > 1 else clip, sample_rate, subtype="PCM_16")
+        if i < n_examples:
+            examples += [clips / f"{stem}.wav", spectrogram_png(clip, sample_rate, clips / f"{stem}.png", caption)]
+    return examples
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def find_training_run(cfg: ExperimentConfig, uri: str) -> str | None:
+    """The MLflow run that trained `cfg` (found by its name and run folder, as the training driver tags it)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.train.tracking import NAME_TAG, STORAGE_TAG
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is None:
+        return None
+    found = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{NAME_TAG}` = '{cfg.name}' and tags.`{STORAGE_TAG}` = '{run_dir_of(cfg)}'",
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
+
+
+class CheckpointEvaluator:
+    """Evaluates checkpoints of models trained on one eval set, keeping the references' evidence between them.
+
+    Args:
+        e: the `eval` section (models, seconds, limit, batch size, actors).
+        set_dir: the eval set (`simba-ttm make-evalset`).
+        overrides: generation settings over each checkpoint's own (`seconds` is `e.seconds`), plus `codec`.
+        device: where generation runs ("cuda": one GPU per generation task).
+        tracking_uri: the MLflow store of the training runs (None: each checkpoint's own config decides).
+    """
+
+    def __init__(self, e: EvalConfig, set_dir: Path, overrides: dict, device: str, tracking_uri: str | None = None):
+        self.e, self.set_dir, self.device, self.uri = e, Path(set_dir), device, tracking_uri
+        self.overrides = {"seconds": e.seconds, **overrides}
+        self.evalset = read_evalset(self.set_dir, e.limit)
+        self.references: Evidence | None = None
+
+    def _evidence(self, audio: np.ndarray, captions: list[str] | None) -> Evidence:
+        sr = self.evalset.sample_rate
+        return evidence_on_ray(self.e, audio, sr, captions, actors=self.e.actors, gpus_per_actor=self.e.gpus_per_actor)
+
+    def __call__(self, checkpoint: Path, out_dir: Path | None = None) -> Evaluation:
+        from pipelines.train.checkpoints import saved_config, saved_step
+        from pipelines.train.tracking import resolve_tracking_uri
+
+        seconds = {}
+        step, cfg = saved_step(checkpoint), saved_config(checkpoint)
+        out_dir = Path(out_dir) if out_dir is not None else step_dir(run_folder(checkpoint, cfg), step)
+        t0 = time.perf_counter()
+        batch = self.overrides.get("batch_size") or cfg.generation.batch_size
+        audio = generate_for_eval(checkpoint, batch, self.evalset, self.e, self.set_dir, self.overrides, self.device)
+        seconds["generate"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if self.references is None:
+            self.references = self._evidence(self.evalset.audio, None)
+        metrics = set_metrics(self._evidence(audio, self.evalset.captions), self.references)
+        seconds["score"] = time.perf_counter() - t0
+        uri = self.uri or resolve_tracking_uri(cfg)
+        run_id = find_training_run(cfg, uri)
+        logger = None
+        if run_id is not None:
+            from pipelines.train.tracking import RunLogger
+
+            logger = RunLogger(run_id, uri)
+        info = {"checkpoint": str(checkpoint), "mlflow_run_id": run_id, "eval_set": str(self.set_dir)}
+        record(out_dir, step, cfg, self.e, self.evalset, audio, metrics, seconds, logger, self.overrides, info)
+        return Evaluation(step, Path(checkpoint), metrics, out_dir, run_id, seconds)
+
+
+def record(
+    out_dir: Path,
+    step: int,
+    cfg: ExperimentConfig,
+    e: EvalConfig,
+    evalset: EvalSet,
+    audio: np.ndarray,
+    metrics: dict[str, float],
+    seconds: dict[str, float],
+    logger,
+    generation: dict,
+    info: dict,
+) -> None:
+    """Write the clips and, last, metrics.json (its presence marks the step as evaluated) into `out_dir`; log the
+    metrics at `step` and metrics.json + the first clips to `logger`'s run (a `RunLogger`, or None)."""
+    examples = write_outputs(out_dir, evalset, audio, evalset.sample_rate, N_EXAMPLES)
+    summary = {
+        "step": step,
+        "arch": cfg.model.arch,
+        "run": cfg.name,
+        "metrics": metrics,
+        "clips": len(audio),
+        "seconds_per_clip": e.seconds,
+        "fad_embedder": e.fad_embedder,
+        "models": {"clap": e.clap, "passt": e.passt, "vggish": e.vggish},
+        "generation": {k: v for k, v in generation.items() if k != "codec"},
+        "wall_seconds": {k: round(v, 2) for k, v in seconds.items()},
+        **info,
+    }
+    _write_json_atomically(out_dir / METRICS_FILE, summary)
+    if logger is not None:
+        logger.metrics(metrics, step=step)
+        logger.artifact(out_dir / METRICS_FILE, f"eval/step_{step:06d}")
+        for file in examples:
+            logger.artifact(file, f"eval/step_{step:06d}")
+
+
+class PeriodicEvaluator:
+    """Training's own evaluation (`train.eval_every`), on rank 0, in-process: the model being trained generates
+    for the first `eval.limit` captions, one `ClipScorer` scores them; results go where `simba-ttm evaluate`
+    puts them (`<run>/eval/step_NNNNNN/`, the run's eval/* metrics), so `evaluate --run` skips those steps."""
+
+    def __init__(self, cfg: ExperimentConfig, device, run_dir: Path | None):
+        from eval.scoring import ClipScorer
+        from modeling.pretrained.codec import load_codec
+
+        self.cfg, self.device, self.run_dir = cfg, device, run_dir
+        self.evalset = read_evalset(cfg.eval.set_dir, cfg.eval.limit)
+        self.codec = load_codec(cfg.preprocess.codec, device=device, setting="preprocess.codec")
+        self.scorer = ClipScorer(cfg.eval, str(device))
+        self.references: Evidence | None = None
+
+    def __call__(self, model, step: int, logger) -> dict[str, float]:
+        from eval.scoring import evidence_in_process
+        from pipelines.generation import generate_from_features, sampling_options
+
+        e, sr = self.cfg.eval, self.evalset.sample_rate
+        generation = dataclasses.replace(self.cfg.generation, seconds=e.seconds)
+        t0 = time.perf_counter()
+        samples = generate_from_features(
+            model, self.evalset.captions, self.evalset.text_batch, codec=self.codec, device=self.device,
+            **sampling_options(generation, self.cfg.data.frame_rate),
+        )  # fmt: skip
+        audio = np.stack([s.audio for s in samples])
+        seconds = {"generate": time.perf_counter() - t0}
+        t0 = time.perf_counter()
+        if self.references is None:
+            self.references = evidence_in_process(self.scorer, self.evalset.audio, sr, batch_size=e.batch_size)
+        generated = evidence_in_process(self.scorer, audio, sr, self.evalset.captions, batch_size=e.batch_size)
+        metrics = set_metrics(generated, self.references)
+        seconds["score"] = time.perf_counter() - t0
+        if self.run_dir is not None:
+            info = {"checkpoint": None, "during_training": True, "eval_set": self.cfg.eval.set_dir}
+            gen = dataclasses.asdict(generation)
+            gen = {k: gen[k] for k in ("seconds", "top_k", "top_p", "temperature", "cfg_scale", "seed")}
+            out = step_dir(self.run_dir, step)
+            record(out, step, self.cfg, e, self.evalset, audio, metrics, seconds, logger, gen, info)
+        elif logger is not None:
+            logger.metrics(metrics, step=step)
+        return metrics
+
+
+def evaluate_run(evaluator: CheckpointEvaluator, run_dir: Path, log=print) -> tuple[list[Evaluation], list[int]]:
+    """Evaluate every checkpoint of `run_dir` that has no metrics.json yet, in step order.
+
+    Returns:
+        (the new evaluations, the steps skipped as already done).
+    """
+    done, skipped = [], []
+    checkpoints = run_checkpoints(run_dir)
+    if not checkpoints:
+        raise FileNotFoundError(f"no checkpoint (model.pt) in {str(run_dir)!r} or below")
+    for step, file in checkpoints.items():
+        out = step_dir(run_dir, step)
+        if (out / METRICS_FILE).is_file():
+            skipped.append(step)
+            continue
+        log(f"step {step}: {file}")
+        done.append(evaluator(file, out))
+        log(format_metrics(done[-1]))
+    return done, skipped
+
+
+def format_metrics(ev: Evaluation) -> str:
+    m = ev.metrics
+    return (
+        f"step {ev.step}: FAD {m['eval/fad']:.4f}  KLD {m['eval/kld']:.4f} (reverse {m['eval/kld_reverse']:.4f})  "
+        f"CLAP {m['eval/clap']:.4f}  ({ev.seconds['generate']:.1f} s generating, {ev.seconds['score']:.1f} s scoring)"
+    )

@@ -1,0 +1,113 @@
+"""`simba-ttm evaluate (--checkpoint PATH | --run RUN_DIR) [--config FILE [key=value ...]] [options]`: FAD, KLD, CLAP.
+
+Generates `--seconds` (default eval.seconds, 10 s) per caption of the eval set (`simba-ttm make-evalset`), scores
+the clips against the references, writes `<run>/eval/step_NNNNNN/metrics.json` with the clips, and logs
+eval/fad, eval/kld, eval/kld_reverse and eval/clap to the MLflow run that trained the checkpoint, at its step.
+
+--checkpoint takes a model file, a checkpoint folder or a run folder (its last checkpoint; `--pick best`);
+--run evaluates every checkpoint of a run folder that has no metrics.json yet (a rerun picks up where it stopped).
+The eval settings (models, eval set, limit, actors) come from --config when given, else from the checkpoint's own
+config. Generation runs as Ray tasks (one GPU each with --device cuda) and scoring as a Ray Data actor pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from configs import ConfigError, load_config
+from modeling.pretrained.errors import MissingWeightsError
+from pipelines.paths import absolute_paths, check_job_paths, resolve_path, resolve_path_or_id
+
+
+def _fail(err) -> int:
+    print(f"simba-ttm evaluate: {err}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="simba-ttm evaluate", description=__doc__)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a model file, checkpoint folder or run folder")
+    which.add_argument("--run", help="a run folder: evaluate each of its checkpoints not evaluated yet")
+    parser.add_argument("--pick", choices=["last", "best"], default="last", help="with --checkpoint on a folder")
+    parser.add_argument("--config", help="take the eval settings from this YAML (default: the checkpoint's)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides of --config, e.g. eval.limit=50")
+    parser.add_argument("--evalset", help="eval set folder (default: eval.set_dir)")
+    parser.add_argument("--seconds", type=float, help="seconds per clip (default: eval.seconds)")
+    parser.add_argument("--cfg", type=float, dest="cfg_scale", help="guidance scale (default: the checkpoint's)")
+    parser.add_argument("--limit", type=int, help="the first N captions (default: eval.limit)")
+    parser.add_argument("--batch-size", type=int, help="captions per generation batch (default: the checkpoint's)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode with the compiled SiMBA step (CPU)")  # fmt: skip
+    parser.add_argument("--out", help="output folder with --checkpoint (default: <run>/eval/step_NNNNNN)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="where generation runs (default: cuda if any)")
+    args = parser.parse_args(argv)
+    if args.overrides and not args.config:
+        return _fail("key=value overrides need --config (without it the checkpoint's own config is used)")
+    try:
+        cfg = load_config(args.config, args.overrides) if args.config else None
+        paths = {"--checkpoint": args.checkpoint, "--run": args.run, "--out": args.out, "--evalset": args.evalset}
+        # Inside a Ray job, relative paths would point into Ray's temporary copy of the working directory.
+        check_job_paths(cfg, ("eval.set_dir",) if cfg else (), tracking=cfg is not None, args=paths)
+        target = resolve_path(args.checkpoint or args.run)
+        cfg = absolute_paths(cfg) if cfg else None
+    except (ConfigError, FileNotFoundError) as err:
+        return _fail(err)
+
+    # Imported here, after the arguments are read: --help and a bad flag answer at once.
+    import torch
+
+    from eval.evaluate import CheckpointEvaluator, evaluate_run, format_metrics, run_checkpoints
+    from eval.scoring import ClipScorer
+    from pipelines.runtime import ensure_ray
+    from pipelines.train.checkpoints import find_checkpoint, saved_config
+    from pipelines.train.tracking import resolve_tracking_uri
+
+    try:
+        if args.checkpoint:
+            checkpoints = [find_checkpoint(target, args.pick)]
+        else:
+            checkpoints = list(run_checkpoints(target).values())
+            if not checkpoints:
+                raise FileNotFoundError(f"no checkpoint (model.pt) in {str(target)!r} or below")
+        e = (cfg or saved_config(checkpoints[-1])).eval
+        given = {"seconds": args.seconds, "limit": args.limit}
+        e = dataclasses.replace(e, **{k: v for k, v in given.items() if v is not None})  # re-validated
+        set_dir = resolve_path(args.evalset) if args.evalset else Path(e.set_dir)
+        e = dataclasses.replace(e, **{k: resolve_path_or_id(getattr(e, k)) for k in ("clap", "passt", "vggish")})
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            return _fail("--device cuda was given but no CUDA device is available here")
+        overrides = {
+            k: getattr(args, k) for k in ("cfg_scale", "batch_size", "compile") if getattr(args, k) is not None
+        }
+        ClipScorer(e)  # fails here, naming the setting, when CLAP / PaSST / VGGish weights are missing
+        uri = resolve_tracking_uri(cfg) if cfg else None  # None: each checkpoint's config (and $MLFLOW_TRACKING_URI)
+        evaluator = CheckpointEvaluator(e, set_dir, overrides, device, uri)
+    except (ConfigError, MissingWeightsError, FileNotFoundError, ValueError) as err:
+        return _fail(err)
+
+    ensure_ray()
+    n = len(evaluator.evalset)
+    print(f"evaluating on {n} captions of {set_dir} ({e.seconds:g} s each, FAD on {e.fad_embedder}); on {device}")
+    if args.checkpoint:
+        ev = evaluator(checkpoints[0], resolve_path(args.out) if args.out else None)
+        print(format_metrics(ev))
+        evaluations, skipped = [ev], []
+    else:
+        evaluations, skipped = evaluate_run(evaluator, target)
+        if skipped:
+            print(f"already evaluated (metrics.json present): steps {', '.join(map(str, skipped))}")
+        if not evaluations:
+            print("nothing new to evaluate")
+    for ev in evaluations:
+        where = f"MLflow run {ev.run_id}" if ev.run_id else "no MLflow training run found for it"
+        print(f"step {ev.step}: {ev.out_dir / 'metrics.json'} ({where})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
