@@ -33,6 +33,7 @@ from pipelines.preprocess.evalset import EvalSet, read_evalset
 EVAL_DIR = "eval"  # in a run folder: one step_NNNNNN/ per evaluated checkpoint
 METRICS_FILE = "metrics.json"
 N_EXAMPLES = 4  # clips per checkpoint with a spectrogram, logged to MLflow
+MAX_CLIPS_PER_PASS = 2048  # generated clips held at once (10 s at 44.1 kHz: 3.6 GB in the object store)
 EVAL_CHECKPOINT_DIR = "eval_checkpoints"  # weights-only checkpoints kept for evaluation (train.eval_checkpoint_every)
 
 
@@ -102,27 +103,25 @@ def _generate_shard(
     return np.stack([s.audio for s in samples]).astype(np.float32)
 
 
-def generate_for_eval(
-    checkpoint: Path, batch: int, evalset: EvalSet, e: EvalConfig, set_dir: Path, overrides: dict, device: str
-) -> np.ndarray:
-    """(N, T) float32 clips at 44.1 kHz, one per eval-set caption, from `e.generators` Ray tasks generating
-    `batch` captions at a time."""
+def launch_generation(
+    checkpoint: Path, batch: int, n: int, e: EvalConfig, set_dir: Path, overrides: dict, device: str
+) -> list:
+    """Start `e.generators` Ray tasks that generate one clip per caption of the first `n` eval-set rows, `batch`
+    captions at a time. Returns their object refs; `np.concatenate(ray.get(refs))` is (n, T) float32 at 44.1 kHz."""
     import ray
 
-    n = len(evalset)
     per_shard = -(-n // e.generators)
     per_shard = -(-per_shard // batch) * batch  # shards aligned to batches: the seeds do not depend on sharding
     shards = [list(range(s, min(s + per_shard, n))) for s in range(0, n, per_shard)]
     if device == "cuda":
         resources = {"num_gpus": 1, "num_cpus": 1}
     else:  # torch in a Ray task uses as many threads as the task has CPUs
-        resources = {"num_cpus": max(1, int(ray.available_resources().get("CPU", 1)) // len(shards))}
+        resources = {"num_cpus": max(1, int(ray.cluster_resources().get("CPU", 1)) // len(shards))}
     task = ray.remote(_generate_shard).options(**resources)
-    refs = [
+    return [
         task.remote(str(checkpoint), str(set_dir), e.limit, rows, dict(overrides), device, rows[0] // batch)
         for rows in shards
     ]
-    return np.concatenate(ray.get(refs))
 
 
 def write_outputs(out_dir: Path, evalset: EvalSet, audio: np.ndarray, sample_rate: int, n_examples: int) -> list[Path]:
@@ -183,36 +182,68 @@ class CheckpointEvaluator:
         self.evalset = read_evalset(self.set_dir, e.limit)
         self.references: Evidence | None = None
 
-    def _evidence(self, audio: np.ndarray, captions: list[str] | None) -> Evidence:
-        sr = self.evalset.sample_rate
-        return evidence_on_ray(self.e, audio, sr, captions, actors=self.e.actors, gpus_per_actor=self.e.gpus_per_actor)
-
     def __call__(self, checkpoint: Path, out_dir: Path | None = None) -> Evaluation:
+        return self.evaluate([(Path(checkpoint), out_dir)])[0]
+
+    def evaluate(self, checkpoints: list[tuple[Path, Path | None]], log=print) -> list[Evaluation]:
+        """Evaluate (checkpoint, output folder or None for `<run>/eval/step_NNNNNN`) pairs. Checkpoints are taken
+        in passes of at most MAX_CLIPS_PER_PASS clips: a pass generates for all its checkpoints at once (Ray runs
+        the tasks side by side) and scores all their clips in one actor pool (the models load once per pass)."""
+        per_pass = max(1, MAX_CLIPS_PER_PASS // max(len(self.evalset), 1))
+        done = []
+        for start in range(0, len(checkpoints), per_pass):
+            done += self._pass(checkpoints[start : start + per_pass], log)
+        return done
+
+    def _pass(self, checkpoints: list[tuple[Path, Path | None]], log) -> list[Evaluation]:
+        import ray
+
         from pipelines.train.checkpoints import saved_config, saved_step
+
+        t0 = time.perf_counter()
+        n, sr = len(self.evalset), self.evalset.sample_rate
+        jobs = []
+        for file, out in checkpoints:
+            step, cfg = saved_step(file), saved_config(file)
+            batch = self.overrides.get("batch_size") or cfg.generation.batch_size
+            refs = launch_generation(file, batch, n, self.e, self.set_dir, self.overrides, self.device)
+            out = Path(out) if out is not None else step_dir(run_folder(file, cfg), step)
+            jobs.append((Path(file), out, step, cfg, refs))
+        log(f"generating {n} clips for each of {len(jobs)} checkpoint(s) (steps {', '.join(str(j[2]) for j in jobs)})")
+        audio = [np.concatenate(ray.get(refs)) for *_, refs in jobs]
+        seconds = {"generate": time.perf_counter() - t0}
+
+        t0 = time.perf_counter()
+        sets = audio if self.references is not None else [*audio, self.evalset.audio]
+        log(f"scoring {len(sets) * n} clips ({'with' if len(sets) > len(audio) else 'without'} the references)")
+        evidence = evidence_on_ray(
+            self.e, sets, sr, self.evalset.captions, actors=self.e.actors, gpus_per_actor=self.e.gpus_per_actor
+        )
+        if self.references is None:
+            self.references = evidence.pop()
+        seconds["score"] = time.perf_counter() - t0
+        seconds = {f"{k} (this pass of {len(jobs)} checkpoints)": v for k, v in seconds.items()}
+
+        results = []
+        for (file, out, step, cfg, _), clips, ev in zip(jobs, audio, evidence, strict=True):
+            metrics = set_metrics(ev, self.references)
+            uri = self.uri or self._uri(cfg)
+            run_id = find_training_run(cfg, uri)
+            logger = None
+            if run_id is not None:
+                from pipelines.train.tracking import RunLogger
+
+                logger = RunLogger(run_id, uri)
+            info = {"checkpoint": str(file), "mlflow_run_id": run_id, "eval_set": str(self.set_dir)}
+            record(out, step, cfg, self.e, self.evalset, clips, metrics, seconds, logger, self.overrides, info)
+            results.append(Evaluation(step, file, metrics, out, run_id, seconds))
+        return results
+
+    @staticmethod
+    def _uri(cfg: ExperimentConfig) -> str:
         from pipelines.train.tracking import resolve_tracking_uri
 
-        seconds = {}
-        step, cfg = saved_step(checkpoint), saved_config(checkpoint)
-        out_dir = Path(out_dir) if out_dir is not None else step_dir(run_folder(checkpoint, cfg), step)
-        t0 = time.perf_counter()
-        batch = self.overrides.get("batch_size") or cfg.generation.batch_size
-        audio = generate_for_eval(checkpoint, batch, self.evalset, self.e, self.set_dir, self.overrides, self.device)
-        seconds["generate"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if self.references is None:
-            self.references = self._evidence(self.evalset.audio, None)
-        metrics = set_metrics(self._evidence(audio, self.evalset.captions), self.references)
-        seconds["score"] = time.perf_counter() - t0
-        uri = self.uri or resolve_tracking_uri(cfg)
-        run_id = find_training_run(cfg, uri)
-        logger = None
-        if run_id is not None:
-            from pipelines.train.tracking import RunLogger
-
-            logger = RunLogger(run_id, uri)
-        info = {"checkpoint": str(checkpoint), "mlflow_run_id": run_id, "eval_set": str(self.set_dir)}
-        record(out_dir, step, cfg, self.e, self.evalset, audio, metrics, seconds, logger, self.overrides, info)
-        return Evaluation(step, Path(checkpoint), metrics, out_dir, run_id, seconds)
+        return resolve_tracking_uri(cfg)
 
 
 def record(
@@ -282,7 +313,8 @@ class PeriodicEvaluator:
         seconds = {"generate": time.perf_counter() - t0}
         t0 = time.perf_counter()
         if self.references is None:
-            self.references = evidence_in_process(self.scorer, self.evalset.audio, sr, batch_size=e.batch_size)
+            captions, bs = self.evalset.captions, e.batch_size
+            self.references = evidence_in_process(self.scorer, self.evalset.audio, sr, captions, batch_size=bs)
         generated = evidence_in_process(self.scorer, audio, sr, self.evalset.captions, batch_size=e.batch_size)
         metrics = set_metrics(generated, self.references)
         seconds["score"] = time.perf_counter() - t0
@@ -303,18 +335,14 @@ def evaluate_run(evaluator: CheckpointEvaluator, run_dir: Path, log=print) -> tu
     Returns:
         (the new evaluations, the steps skipped as already done).
     """
-    done, skipped = [], []
     checkpoints = run_checkpoints(run_dir)
     if not checkpoints:
         raise FileNotFoundError(f"no checkpoint (model.pt) in {str(run_dir)!r} or below")
-    for step, file in checkpoints.items():
-        out = step_dir(run_dir, step)
-        if (out / METRICS_FILE).is_file():
-            skipped.append(step)
-            continue
-        log(f"step {step}: {file}")
-        done.append(evaluator(file, out))
-        log(format_metrics(done[-1]))
+    skipped = [step for step in checkpoints if (step_dir(run_dir, step) / METRICS_FILE).is_file()]
+    todo = [(file, step_dir(run_dir, step)) for step, file in checkpoints.items() if step not in skipped]
+    done = evaluator.evaluate(todo, log) if todo else []
+    for ev in done:
+        log(format_metrics(ev))
     return done, skipped
 
 
@@ -322,5 +350,5 @@ def format_metrics(ev: Evaluation) -> str:
     m = ev.metrics
     return (
         f"step {ev.step}: FAD {m['eval/fad']:.4f}  KLD {m['eval/kld']:.4f} (reverse {m['eval/kld_reverse']:.4f})  "
-        f"CLAP {m['eval/clap']:.4f}  ({ev.seconds['generate']:.1f} s generating, {ev.seconds['score']:.1f} s scoring)"
+        f"CLAP {m['eval/clap']:.4f} (references: {m['eval/clap_reference']:.4f})"
     )

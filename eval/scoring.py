@@ -83,17 +83,20 @@ class ClipScorer:
         return Evidence(probs, frames, clap)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Ray Data: {"index", "audio" (B, T), "sample_rate" (B,), optional "caption" (B,)} -> the evidence columns."""
-        captions = [str(c) for c in batch["caption"]] if "caption" in batch else None
-        ev = self.evidence(batch["audio"], int(batch["sample_rate"][0]), captions)
-        out = {"index": np.asarray(batch["index"]), "probs": ev.probs, "frames": ev.frames}
-        if ev.clap is not None:
-            out["clap"] = ev.clap
-        return out
+        """Ray Data: {"group", "index", "audio" (B, T), "sample_rate" (B,), "caption" (B,)} -> evidence columns."""
+        ev = self.evidence(batch["audio"], int(batch["sample_rate"][0]), [str(c) for c in batch["caption"]])
+        return {
+            "group": batch["group"],
+            "index": batch["index"],
+            "probs": ev.probs,
+            "frames": ev.frames,
+            "clap": ev.clap,
+        }
 
 
 def set_metrics(generated: Evidence, reference: Evidence) -> dict[str, float]:
-    """The eval set's numbers from paired evidence (row i of `generated` from row i's caption)."""
+    """The eval set's numbers from paired evidence (row i of `generated` from row i's caption), and the references'
+    CLAP score when their evidence has it."""
     if generated.clap is None:
         raise ValueError("the generated clips' evidence has no CLAP cosines (score them with their captions)")
     k = kld(torch.from_numpy(reference.probs), torch.from_numpy(generated.probs))
@@ -101,12 +104,15 @@ def set_metrics(generated: Evidence, reference: Evidence) -> dict[str, float]:
         generated.frames.reshape(-1, generated.frames.shape[-1]),
         reference.frames.reshape(-1, reference.frames.shape[-1]),
     )
-    return {
+    metrics = {
         "eval/fad": float(fad),
         "eval/kld": k.kld,
         "eval/kld_reverse": k.kld_reverse,
         "eval/clap": float(np.mean(generated.clap)),
     }
+    if reference.clap is not None:  # the references' own CLAP score: the ceiling the generations are read against
+        metrics["eval/clap_reference"] = float(np.mean(reference.clap))
+    return metrics
 
 
 def evidence_in_process(
@@ -122,19 +128,27 @@ def evidence_in_process(
 
 def evidence_on_ray(
     eval_cfg: EvalConfig,
-    audio: np.ndarray,
+    sets: list[np.ndarray],
     sample_rate: int,
-    captions: list[str] | None = None,
+    captions: list[str],
     *,
     actors: int = 1,
     gpus_per_actor: float = 0.0,
-) -> Evidence:
-    """The same evidence from a Ray Data actor pool of `ClipScorer`s (models loaded once per actor)."""
+) -> list[Evidence]:
+    """The evidence of several sets of clips (each (N, T), clip i of every set scored against captions[i]) from one
+    Ray Data actor pool of `ClipScorer`s: the models load once per actor for all sets."""
     import ray.data
 
+    n = int(round(eval_cfg.seconds * sample_rate))  # every row one length: a batch may mix sets
     rows = [
-        {"index": i, "audio": np.asarray(a, dtype=np.float32), "sample_rate": sample_rate}
-        | ({} if captions is None else {"caption": captions[i]})
+        {
+            "group": g,
+            "index": i,
+            "audio": np.asarray(a[:n], dtype=np.float32),
+            "sample_rate": sample_rate,
+            "caption": captions[i],
+        }
+        for g, audio in enumerate(sets)
         for i, a in enumerate(audio)
     ]
     device = "cuda" if gpus_per_actor > 0 else "cpu"
@@ -147,11 +161,16 @@ def evidence_on_ray(
         num_gpus=gpus_per_actor,
         num_cpus=1,
     )
-    out = {"index": [], "probs": [], "frames": [], "clap": []}
+    out = {"group": [], "index": [], "probs": [], "frames": [], "clap": []}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for key in out:
-            if key in batch:
-                out[key].append(batch[key])
-    order = np.argsort(np.concatenate(out["index"]))  # actors finish in any order
-    clap = np.concatenate(out["clap"])[order] if out["clap"] else None
-    return Evidence(np.concatenate(out["probs"])[order], np.concatenate(out["frames"])[order], clap)
+            out[key].append(batch[key])
+    cols = {key: np.concatenate(v) for key, v in out.items()}
+    result = []
+    for g in range(len(sets)):  # actors finish in any order
+        mine = np.flatnonzero(cols["group"] == g)
+        rows_in_order = mine[np.argsort(cols["index"][mine])]
+        result.append(
+            Evidence(cols["probs"][rows_in_order], cols["frames"][rows_in_order], cols["clap"][rows_in_order])
+        )
+    return result

@@ -63,7 +63,8 @@ def test_evaluate_run_does_what_is_missing_then_nothing(trained, capsys):
     text = capsys.readouterr().out
     assert "already evaluated (metrics.json present): steps 20" in text
     summary = json.loads((run_dir / "eval" / "step_000010" / METRICS_FILE).read_text())
-    assert set(summary["metrics"]) == set(METRIC_KEYS) and summary["mlflow_run_id"] == out.run_id
+    assert set(summary["metrics"]) == {*METRIC_KEYS, "eval/clap_reference"}
+    assert summary["mlflow_run_id"] == out.run_id
     assert all(math.isfinite(v) for v in summary["metrics"].values())
     assert summary["clips"] == 4 and summary["seconds_per_clip"] == 1.0
     for key in METRIC_KEYS:  # at each checkpoint's step, in the run that trained it

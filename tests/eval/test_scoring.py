@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from configs.schema import EvalConfig
 from eval.clap import clap_score
@@ -53,6 +52,7 @@ def test_references_against_themselves(scorer, clips):
     s, _ = clips
     ev = evidence_in_process(scorer, s.audio, s.sample_rate, s.captions, batch_size=4)
     m = set_metrics(ev, ev)
+    assert m["eval/clap_reference"] == pytest.approx(m["eval/clap"])
     assert abs(m["eval/kld"]) < 527e-6 and abs(m["eval/kld_reverse"]) < 527e-6
     assert m["eval/fad"] == pytest.approx(0.0, abs=1e-6)
 
@@ -68,11 +68,12 @@ def test_a_clips_evidence_does_not_depend_on_its_batch(scorer, clips):
 
 def test_the_ray_actor_pool_gives_the_in_process_evidence(scorer, clips, ray_session):
     s, generated = clips
-    local = evidence_in_process(scorer, generated, s.sample_rate, s.captions)
-    remote = evidence_on_ray(scorer.cfg, generated, s.sample_rate, s.captions, actors=2)
-    np.testing.assert_allclose(remote.probs, local.probs, atol=1e-6)
-    np.testing.assert_allclose(remote.frames, local.frames, atol=1e-5)
-    np.testing.assert_allclose(remote.clap, local.clap, atol=1e-6)
-    torch.testing.assert_close(
-        torch.tensor(set_metrics(remote, remote)["eval/fad"]), torch.tensor(0.0), atol=1e-6, rtol=0
-    )
+    sets = [generated, s.audio, generated[::-1].copy()]
+    remote = evidence_on_ray(scorer.cfg, sets, s.sample_rate, s.captions, actors=2)
+    assert len(remote) == 3
+    for audio, got in zip(sets, remote, strict=True):
+        local = evidence_in_process(scorer, audio, s.sample_rate, s.captions)
+        np.testing.assert_allclose(got.probs, local.probs, atol=1e-6)
+        np.testing.assert_allclose(got.frames, local.frames, atol=1e-5)
+        np.testing.assert_allclose(got.clap, local.clap, atol=1e-6)
+    assert set_metrics(remote[0], remote[0])["eval/fad"] == pytest.approx(0.0, abs=1e-6)
