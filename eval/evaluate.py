@@ -1,6 +1,6 @@
 """Evaluate checkpoints on the eval set: generate, score (FAD, KLD, CLAP), write metrics.json, log to MLflow.
 
-For one checkpoint (`evaluate_checkpoint`):
+For each checkpoint (`CheckpointEvaluator`):
 1. generation: `eval.generators` Ray tasks (one GPU each on cuda) generate `eval.seconds` per caption of the eval
    set (its first `eval.limit`), from the T5 features stored with it, with the checkpoint's sampling settings;
 2. scoring: a Ray Data actor pool of `ClipScorer`s (`eval.actors`, `eval.gpus_per_actor` each) turns the clips into
@@ -83,10 +83,10 @@ def run_checkpoints(run_dir: str | Path) -> dict[int, Path]:
 
 
 def _generate_shard(
-    checkpoint: str, set_dir: str, limit: int | None, rows: list[int], overrides: dict, device: str, first_batch: int
+    checkpoint: str, set_dir: str, limit: int | None, rows: list[int], overrides: dict, device: str, batch: int
 ) -> np.ndarray:
-    """Ray task: clips for eval-set rows `rows` from one checkpoint. Batch b of the whole set is sampled with seed
-    `seed + b` however the rows are sharded (shards start at multiples of the batch size)."""
+    """Ray task: clips for eval-set rows `rows` from one checkpoint, `batch` captions at a time. Batch b of the
+    whole set is sampled with seed `seed + b` however the rows are sharded (shards start at multiples of `batch`)."""
     from modeling.pretrained.codec import load_codec
     from pipelines.generation import generate_from_features, sampling_options
     from pipelines.train.checkpoints import load_model
@@ -95,7 +95,8 @@ def _generate_shard(
     evalset = read_evalset(set_dir, limit)
     codec = load_codec(overrides.pop("codec", None) or cfg.preprocess.codec, device=device, setting="preprocess.codec")
     options = sampling_options(dataclasses.replace(cfg.generation, **overrides), cfg.data.frame_rate)
-    options["seed"] += first_batch
+    options["batch_size"] = batch
+    options["seed"] += rows[0] // batch
     captions = [evalset.captions[i] for i in rows]
     samples = generate_from_features(
         model, captions, lambda r: evalset.text_batch([rows[i] for i in r]), codec=codec, device=device, **options
@@ -119,8 +120,7 @@ def launch_generation(
         resources = {"num_cpus": max(1, int(ray.cluster_resources().get("CPU", 1)) // len(shards))}
     task = ray.remote(_generate_shard).options(**resources)
     return [
-        task.remote(str(checkpoint), str(set_dir), e.limit, rows, dict(overrides), device, rows[0] // batch)
-        for rows in shards
+        task.remote(str(checkpoint), str(set_dir), e.limit, rows, dict(overrides), device, batch) for rows in shards
     ]
 
 
@@ -163,6 +163,20 @@ def find_training_run(cfg: ExperimentConfig, uri: str) -> str | None:
         max_results=1,
     )
     return found[0].info.run_id if found else None
+
+
+def check_cluster(e: EvalConfig, device: str) -> None:
+    """Refuse settings the connected Ray cluster cannot schedule (the tasks would wait forever)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if device == "cuda" and gpus < 1:
+        raise ValueError("generation on cuda needs a GPU in the Ray cluster, which has none; use --device cpu")
+    if e.gpus_per_actor > gpus:
+        raise ValueError(
+            f"eval.gpus_per_actor={e.gpus_per_actor:g} but the Ray cluster has {gpus:g} GPUs: "
+            "set eval.gpus_per_actor=0 to score on CPUs"
+        )
 
 
 class CheckpointEvaluator:

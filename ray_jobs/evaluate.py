@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here, after the arguments are read: --help and a bad flag answer at once.
     import torch
 
-    from eval.evaluate import CheckpointEvaluator, evaluate_run, format_metrics, run_checkpoints
+    from eval.evaluate import CheckpointEvaluator, check_cluster, evaluate_run, format_metrics, run_checkpoints
     from eval.scoring import ClipScorer
     from pipelines.runtime import ensure_ray
     from pipelines.train.checkpoints import find_checkpoint, saved_config
@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(err)
 
     ensure_ray()
+    try:
+        check_cluster(e, device)
+    except ValueError as err:
+        return _fail(err)
     n = len(evaluator.evalset)
     print(f"evaluating on {n} captions of {set_dir} ({e.seconds:g} s each, FAD on {e.fad_embedder}); on {device}")
     if args.checkpoint:

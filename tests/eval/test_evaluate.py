@@ -100,3 +100,25 @@ def test_missing_parts_are_named_before_anything_runs(trained, tmp_path, capsys)
     config = Path(__file__).resolve().parents[2] / "configs" / "debug.yaml"
     code = evaluate.main(["--checkpoint", ckpt, "--config", str(config), f"eval.clap={tmp_path / 'no_clap'}"])
     assert code == 2 and "eval.clap" in capsys.readouterr().err
+
+
+def test_the_clips_do_not_depend_on_how_generation_is_split(trained, ray_session):
+    import dataclasses
+
+    import numpy as np
+    import ray
+
+    from eval.evaluate import launch_generation
+    from pipelines.train.checkpoints import saved_config
+
+    _, run_dir = trained
+    file = run_dir / EVAL_CHECKPOINT_DIR / "step_000010" / "model.pt"
+    e = saved_config(file).eval
+    clips = {}
+    for generators in (1, 3):
+        e = dataclasses.replace(e, generators=generators, limit=None)
+        refs = launch_generation(file, 1, 6, e, Path(e.set_dir), {"seconds": 0.3}, "cpu")
+        assert len(refs) == generators
+        clips[generators] = np.concatenate(ray.get(refs))
+    assert clips[1].shape[0] == 6
+    np.testing.assert_array_equal(clips[1], clips[3])
