@@ -10,6 +10,7 @@ JOBS = {
     "info": ("ray_jobs.info", "size, FLOPs, memory and cache of a configured model"),
     "make-corpus": ("ray_jobs.make_corpus", "write a small synthetic corpus in the MTG-Jamendo layout"),
     "preprocess": ("ray_jobs.preprocess", "Jamendo audio -> DAC tokens + T5 embeddings (Ray Data -> Parquet)"),
+    "make-evalset": ("ray_jobs.make_evalset", "caption CSV + audio -> eval set: T5 features, references, DAC codes"),
     "train": ("ray_jobs.train", "train Prefix SiMBA or the Cross Transformer on Ray Train, logging to MLflow"),
     "generate": ("ray_jobs.generate", "WAV + spectrogram for prompts from a checkpoint"),
     "evaluate": ("ray_jobs.evaluate", "FAD, KLD, CLAP of a checkpoint (or every checkpoint of a run), to MLflow"),
@@ -19,7 +20,7 @@ JOBS = {
 
 def _usage() -> str:
     lines = ["usage: simba-ttm <job> [args...]", "", "jobs:"]
-    lines += [f"  {name:<12} {help_}" for name, (_, help_) in JOBS.items()]
+    lines += [f"  {name:<13} {help_}" for name, (_, help_) in JOBS.items()]
     lines += ["", "Run `simba-ttm <job> --help` for a job's options."]
     return "\n".join(lines)
 

@@ -251,6 +251,22 @@ def _check_pretrained(cfg: ExperimentConfig) -> None:
     TextEncoder(p.text_encoder, setting="preprocess.text_encoder")
 
 
+def check_cluster(gpus_per_actor: float, actors: dict[str, int]) -> None:
+    """Refuse a Ray cluster that cannot hold the model actor pools (`actors`: preprocess.<key> -> pool size)
+    with one CPU each, plus one CPU for the decode tasks, or that has no GPU when the actors ask for one."""
+    if gpus_per_actor > 0 and ray.cluster_resources().get("GPU", 0) < gpus_per_actor:
+        raise ConfigError(
+            f"preprocess.gpus_per_actor={gpus_per_actor:g} but the Ray cluster has no GPU; "
+            "set preprocess.gpus_per_actor=0 to run the model steps on CPUs"
+        )
+    n, cpus = sum(actors.values()), ray.cluster_resources().get("CPU", 0)
+    if cpus < n + 1:
+        raise ConfigError(
+            f"the Ray cluster has {cpus:g} CPUs; the {n} model actors (preprocess.{' + '.join(actors)}) hold one "
+            "each and decoding needs one more: lower the actor counts or give Ray more CPUs (ray start --num-cpus)"
+        )
+
+
 def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> PreprocessSummary:
     """Run the whole pipeline on the current Ray cluster (starting a local one when none is connected)."""
     t0 = time.time()
@@ -284,18 +300,9 @@ def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> P
     if todo:
         ensure_ray()
         gpus = p.gpus_per_actor
-        if gpus > 0 and ray.cluster_resources().get("GPU", 0) < gpus:
-            raise ConfigError(
-                f"preprocess.gpus_per_actor={gpus:g} but the Ray cluster has no GPU; "
-                "set preprocess.gpus_per_actor=0 to run the model steps on CPUs"
-            )
-        actors = p.separator_actors + p.codec_actors + p.text_actors
-        if ray.cluster_resources().get("CPU", 0) < actors + 1:
-            raise ConfigError(
-                f"the Ray cluster has {ray.cluster_resources().get('CPU', 0):g} CPUs; the {actors} model actors "
-                "(preprocess.separator_actors + codec_actors + text_actors) hold one each and decoding needs one "
-                "more: lower the actor counts or give Ray more CPUs (ray start --num-cpus)"
-            )
+        check_cluster(
+            gpus, dict(separator_actors=p.separator_actors, codec_actors=p.codec_actors, text_actors=p.text_actors)
+        )
         device = "cuda" if gpus > 0 else "cpu"
         items = [
             dict(

@@ -88,14 +88,18 @@ def rejects_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{k: r.get(k) for k in REJECTS_SCHEMA.names} for r in rows], schema=REJECTS_SCHEMA)
 
 
-def write_part(table: pa.Table, directory: str | Path) -> Path | None:
-    """Write `table` as a new part in `directory` (temp file + atomic rename). Empty tables write nothing."""
+def write_part(table: pa.Table, directory: str | Path, name: str | None = None) -> Path | None:
+    """Write `table` as a part in `directory` (temp file + atomic rename). Empty tables write nothing.
+
+    `name`: the part's file name (`part-*.parquet`), so that a retried writer replaces its own part instead of
+    adding a second copy; default a new random one.
+    """
     if table.num_rows == 0:
         return None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"part-{uuid.uuid4().hex}.parquet"
-    tmp = directory / f".{name}.tmp"
+    name = name or f"part-{uuid.uuid4().hex}.parquet"
+    tmp = directory / f".{name}.{uuid.uuid4().hex}.tmp"
     pq.write_table(table, tmp)
     os.replace(tmp, directory / name)
     return directory / name

@@ -22,6 +22,10 @@ JOBS = {
         ["preprocess.metadata_tsv=data/demo/corpus/", "preprocess.audio_root=", "preprocess.exclude_csv=",
          "data.tokens_dir=", "preprocess.rejects_dir="],
     ),
+    "make_evalset": (
+        ["--config", "debug"],
+        ["eval.set_csv=data/demo/corpus/song_describer.csv", "eval.set_audio_root=", "eval.set_dir=data/demo/evalset"],
+    ),
     "demo": (
         ["--config", "debug"],
         ["preprocess.metadata_tsv=", "train.storage_path=runs/debug", "the MLflow store", "--out outputs/demo"],

@@ -113,11 +113,18 @@ def test_song_describer_csv_names_the_sdd_tracks(corpus):
     with corpus.sdd_csv_path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-    assert reader.fieldnames == ["caption_id", "track_id", "caption"]
+    assert tuple(reader.fieldnames) == writer.SDD_HEADER
+    assert writer.SDD_HEADER[:3] == ("caption_id", "track_id", "caption") and "path" in writer.SDD_HEADER
     assert rows and all(r["caption"] for r in rows)
     ids = {f"track_{int(r['track_id']):07d}" for r in rows}  # integer ids, as the real SDD has them
     assert ids <= set(corpus.ids()) and ids == set(corpus.ids("sdd"))
     assert len({r["caption_id"] for r in rows}) == len(rows)
+    for r in rows:  # the SDD columns point at the track's own audio, relative to the audio folder
+        track = corpus.track(f"track_{int(r['track_id']):07d}")
+        assert corpus.audio_dir / r["path"] == corpus.audio_path(track.track_id)
+        assert (corpus.audio_dir / r["path"]).is_file()
+        assert float(r["duration"]) == track.duration and r["is_valid_subset"] in ("True", "False")
+        assert int(r["familiarity"]) in range(6) and r["artist_id"].isdigit() and r["album_id"].isdigit()
 
 
 def test_silence_track_has_a_mostly_silent_window_and_others_do_not(corpus):

@@ -4,7 +4,10 @@
 
     out_dir/raw_30s_cleantags_50artists.tsv   TRACK_ID ARTIST_ID ALBUM_ID PATH DURATION, then one field per tag
     out_dir/audio/NN/ID.mp3                    mono 44.1 kHz MP3 (NN = last two digits of the numeric id)
-    out_dir/song_describer.csv                 caption_id,track_id,caption (integer track ids, as SDD has them)
+    out_dir/song_describer.csv                 the Song Describer Dataset's columns (caption_id, track_id, caption,
+                                               is_valid_subset, familiarity, artist_id, album_id, path, duration)
+                                               for the `sdd` tracks: integer ids as SDD has them, `path` relative
+                                               to out_dir/audio (so `simba-ttm make-evalset` reads it as it is)
     out_dir/captions.jsonl                     {"track_id": "track_...", "caption": "..."} per line
     out_dir/corpus.json                        what each track is and what the pipeline should do with it
 

@@ -27,6 +27,8 @@ CAPTIONS_NAME = "captions.jsonl"
 MANIFEST_NAME = "corpus.json"
 AUDIO_DIR = "audio"
 TSV_HEADER = ("TRACK_ID", "ARTIST_ID", "ALBUM_ID", "PATH", "DURATION", "TAGS")
+# The Song Describer Dataset's song_describer.csv columns
+SDD_HEADER = tuple("caption_id track_id caption is_valid_subset familiarity artist_id album_id path duration".split())
 
 # -------------------------------------------------------------------------------------------- metadata text
 
@@ -75,16 +77,22 @@ def tsv_text(specs: list[TrackSpec]) -> str:
 
 
 def sdd_csv_text(specs: list[TrackSpec]) -> str:
-    """Song Describer rows (caption_id, integer track_id, caption): one or two captions per `sdd` track."""
+    """Song Describer rows, one or two captions per `sdd` track, in SDD's columns (SDD_HEADER): integer track,
+    artist and album ids as SDD has them, and `path` relative to the corpus audio folder (the track's own file;
+    SDD's are 2-minute excerpts named NN/ID.2min.mp3). One caption in three is outside the validated subset."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(("caption_id", "track_id", "caption"))
+    writer.writerow(SDD_HEADER)
     caption_id = 0
     for spec in specs:
         if spec.kind != "sdd":
             continue
         for variant in range(1, 2 + spec.seed % 2):
-            writer.writerow((caption_id, spec.number, caption(spec, variant)))
+            valid, familiarity = caption_id % 3 != 2, (spec.seed + variant) % 6  # SDD rates familiarity 0-5
+            text = caption(spec, variant)
+            writer.writerow(
+                (caption_id, spec.number, text, valid, familiarity, spec.artist, spec.album, spec.path, spec.seconds)
+            )
             caption_id += 1
     return buf.getvalue()
 
