@@ -162,7 +162,7 @@ def codebooks_png(
     ax_clap.axhline(clap_reference, color="0.3", linestyle="--", label="original references")
     ax_clap.set_ylabel("CLAP score (higher is better)")
     ax_clap.set_title("CLAP: reconstruction vs caption")
-    ax_clap.legend(loc="lower right", fontsize=9)
+    ax_clap.legend(loc="best", fontsize=9)
     for ax in (ax_fad, ax_clap):
         ax.set_xlabel("codebooks decoded (k)")
         ax.set_xticks(list(ks))
