@@ -180,8 +180,8 @@ def log_comparison(client: MlflowClient, series: Sequence[RunSeries], files: Seq
     ids = ",".join(s.run_id for s in series)
     run = client.create_run(
         series[0].experiment_id,
-        run_name="figure3: " + " vs ".join(s.run_name for s in series),
-        tags={KIND_TAG: "figure3", SOURCES_TAG: ids},
+        run_name=("figure3: " + " vs ".join(s.run_name for s in series))[:250],  # MLflow's run name limit
+        tags={KIND_TAG: "figure3", SOURCES_TAG: ids[:8000]},  # MLflow's tag value limit
     )
     run_id = run.info.run_id
     params = {
