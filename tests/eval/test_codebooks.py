@@ -17,6 +17,15 @@ from pipelines.preprocess.evalset import read_evalset
 from ray_jobs import codebooks as job
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models decode fastest on one thread: with more, thread hand-offs dominate (and stall on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def codec(tiny_pretrained):
     return load_codec(tiny_pretrained["codec"])
