@@ -18,8 +18,9 @@ Cost and scale: per k, one DAC decode and one embedding pass per distinct clip, 
 only embeddings are kept, so memory does not grow with the set. On the Song Describer set (~700 tracks, ~1,100
 captions, 10 s) that is ~6,300 decodes of 10 s clips and as many CLAP (+ VGGish) forwards: minutes on one GPU,
 hours on a CPU. It runs in one process because it is that cheap; at a larger scale the (k, batch) pairs are
-independent and would become a Ray Data `map_batches` over clips with DAC and the embedders as actor pools
-(as `make-evalset` runs the codec), reduced to per-k embedding sets on the driver.
+independent and would become a Ray Data `map_batches` over (k, clip) rows with DAC and the embedders as actor
+pools, as `simba-ttm evaluate` scores clips (`eval.scoring.evidence_on_ray`, whose `ClipScorer` also loads PaSST,
+which Fig. 1 does not need), reduced to per-k embedding sets on the driver.
 """
 
 from __future__ import annotations
