@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
 N_FFT = 2048
@@ -111,3 +112,122 @@ def spectrogram_png(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+# --- Fig. 1 and Fig. 3 ------------------------------------------------------------------------------------------
+
+# One colour per run, the same in every panel (matplotlib's default cycle, written out: no global state read).
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+NO_DATA = "no data"
+
+
+def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def _no_data(ax, text: str = NO_DATA) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4", fontsize=12)
+    ax.set_xticks([])  # an empty panel's 0..1 axes would read as values
+    ax.set_yticks([])
+
+
+def codebooks_png(
+    ks: list[int],
+    fad: list[float],
+    clap: list[float],
+    clap_reference: float,
+    path: str | Path,
+    fad_label: str = "FAD",
+    note: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Fig. 1: FAD (reconstruction vs original) and CLAP score (reconstruction vs caption) against the number of
+    DAC codebooks k decoded, with the original references' CLAP score as a dashed line. Two panels, one PNG.
+
+    Args:
+        ks, fad, clap: one value per k.
+        fad_label: the FAD axis label (e.g. naming the embedder).
+        note: a line under the title (e.g. that the models are tiny random ones).
+    """
+    fig = Figure(figsize=(10, 4), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_fad, ax_clap = fig.subplots(1, 2)
+    ax_fad.plot(ks, fad, marker="o", color=COLORS[0])
+    ax_fad.set_ylabel(f"{fad_label} (lower is better)")
+    ax_fad.set_title("FAD: reconstruction vs original")
+    ax_clap.plot(ks, clap, marker="o", color=COLORS[1], label="reconstruction")
+    ax_clap.axhline(clap_reference, color="0.3", linestyle="--", label="original references")
+    ax_clap.set_ylabel("CLAP score (higher is better)")
+    ax_clap.set_title("CLAP: reconstruction vs caption")
+    ax_clap.legend(loc="best", fontsize=9)
+    for ax in (ax_fad, ax_clap):
+        ax.set_xlabel("codebooks decoded (k)")
+        ax.set_xticks(list(ks))
+        ax.grid(alpha=0.3)
+    fig.suptitle("DAC reconstructions from the first k codebooks" + (f"\n{note}" if note else ""), fontsize=11)
+    return _save(fig, path, dpi)
+
+
+def metrics_over_steps_png(
+    runs: list[tuple[str, dict[str, tuple[list[int], list[float]]]]],
+    path: str | Path,
+    note: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Fig. 3: FAD, KLD and CLAP score against the optimizer step, one line per run, and a train/val loss panel.
+
+    Args:
+        runs: (label, {metric: (steps, values)}) per run, metrics among `eval/fad`, `eval/kld`, `eval/clap`,
+            `train_loss`, `val_loss`; a missing or empty series is not drawn, and a panel with none says so.
+        note: a line under the title.
+    """
+    panels = (
+        ("eval/fad", "FAD (lower is better)"),
+        ("eval/kld", "KLD (lower is better)"),
+        ("eval/clap", "CLAP score (higher is better)"),
+    )
+    fig = Figure(figsize=(12, 8.5), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2).reshape(-1)
+    for ax, (key, title) in zip(axes, panels, strict=False):
+        missing = []
+        for i, (label, series) in enumerate(runs):
+            steps, values = series.get(key, ([], []))
+            if len(steps):
+                ax.plot(steps, values, marker="o", markersize=4, color=COLORS[i % len(COLORS)], label=label)
+            else:
+                missing.append(label)
+        if len(missing) == len(runs):
+            _no_data(ax)
+        elif missing:  # under the title, where no data point can hide it
+            title += "\n" + textwrap.shorten(f"{NO_DATA}: " + ", ".join(missing), width=90, placeholder=" ...")
+        ax.set_title(title, fontsize=11 if "\n" not in title else 9)
+    ax = axes[3]
+    drawn = False
+    for i, (_, series) in enumerate(runs):
+        color = COLORS[i % len(COLORS)]
+        steps, values = series.get("train_loss", ([], []))
+        if len(steps):  # every step: thin and light, so that the sparse validation points stay visible
+            ax.plot(steps, values, color=color, linewidth=0.8, alpha=0.6)
+        steps_val, values_val = series.get("val_loss", ([], []))
+        if len(steps_val):
+            ax.plot(steps_val, values_val, linestyle="--", marker="o", markersize=3, color=color, linewidth=1.6)
+        drawn = drawn or bool(len(steps) or len(steps_val))
+    if drawn:
+        ax.plot([], [], "-", color="0.3", alpha=0.6, label="train")  # a style legend: colours are the runs
+        ax.plot([], [], "--", marker="o", markersize=3, color="0.3", label="validation")
+        ax.legend(loc="upper right", fontsize=9)
+    else:
+        _no_data(ax)
+    ax.set_title("loss (cross-entropy, codebook 0)")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=COLORS[i % len(COLORS)], marker="o", label=label) for i, (label, _) in
+               enumerate(runs)]  # fmt: skip
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(runs), 3), fontsize=9)
+    fig.suptitle("Metrics over training" + (f"\n{note}" if note else ""), fontsize=12)
+    return _save(fig, path, dpi)

@@ -14,6 +14,8 @@ JOBS = {
     "train": ("ray_jobs.train", "train Prefix SiMBA or the Cross Transformer on Ray Train, logging to MLflow"),
     "generate": ("ray_jobs.generate", "WAV + spectrogram for prompts from a checkpoint"),
     "evaluate": ("ray_jobs.evaluate", "FAD, KLD, CLAP of a checkpoint (or every checkpoint of a run), to MLflow"),
+    "figure3": ("ray_jobs.figure3", "the paper's Fig. 3: FAD, KLD, CLAP and losses over steps of MLflow runs"),
+    "codebooks": ("ray_jobs.codebooks", "the paper's Fig. 1: FAD and CLAP of DAC decodes from k = 1..9 codebooks"),
     "demo": ("ray_jobs.demo", "corpus -> preprocess -> train both decoders -> generate, on a CPU in minutes"),
 }
 

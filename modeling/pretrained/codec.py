@@ -1,4 +1,4 @@
-"""DAC (Descript Audio Codec): load, encode a clip to codes, decode codebook 0 back to audio.
+"""DAC (Descript Audio Codec): load, encode a clip to codes, decode codes (all, the first k, or codebook 0) to audio.
 
 The 44.1 kHz model turns 30 s of mono audio into 9 codebooks x 2584 frames (hop 512, ~86 fps). We call
 `preprocess` + `encode` on the whole clip rather than `compress()`, which loudness-normalises and
@@ -89,6 +89,36 @@ def n_frames(model: dac.DAC, n_samples: int) -> int:
     return math.ceil(n_samples / int(model.hop_length))
 
 
+def decode_codes(model: dac.DAC, codes: np.ndarray | torch.Tensor, n_codebooks: int | None = None) -> np.ndarray:
+    """Decode the first `n_codebooks` codebooks of DAC codes to audio (the residual quantizer's partial sum).
+
+    DAC's codebooks are residual: codebook i quantizes what codebooks 0..i-1 left over, so the first k of them
+    are a coarser code of the same clip (the paper's Fig. 1). Codebooks from `n_codebooks` on are not read.
+
+    Args:
+        codes: (n_q, frames) or (B, n_q, frames) tokens.
+        n_codebooks: how many leading codebooks to decode, 1 <= n_codebooks <= n_q (None: all n_q).
+    Returns:
+        float32 audio, (frames * hop_length,) for unbatched input, else (B, frames * hop_length).
+    """
+    c = torch.as_tensor(np.asarray(codes), dtype=torch.int64)
+    if c.ndim not in (2, 3):
+        raise ValueError(f"codes must be (n_q, frames) or (B, n_q, frames); got shape {tuple(c.shape)}")
+    single = c.ndim == 2
+    if single:
+        c = c[None]  # (1, n_q, frames)
+    n_q = c.shape[1]
+    k = n_q if n_codebooks is None else int(n_codebooks)
+    if not 1 <= k <= min(n_q, model.n_codebooks):
+        raise ValueError(f"n_codebooks must be in 1..{min(n_q, model.n_codebooks)} for these codes; got {k}")
+    c = c[:, :k].to(model.device)  # (B, k, frames)
+    with torch.inference_mode():
+        z, _, _ = model.quantizer.from_codes(c)  # (B, latent_dim, frames): sum of the k codebooks' projections
+        audio = model.decode(z)[:, 0]  # (B, T)
+    audio = audio.float().cpu().numpy()
+    return audio[0] if single else audio
+
+
 def decode_codebook0(model: dac.DAC, codes: np.ndarray | torch.Tensor) -> np.ndarray:
     """Decode only codebook 0 to audio, as the paper's models predict that codebook alone.
 
@@ -97,15 +127,5 @@ def decode_codebook0(model: dac.DAC, codes: np.ndarray | torch.Tensor) -> np.nda
     Returns:
         float32 audio, (frames * hop_length,) for unbatched input, else (B, frames * hop_length).
     """
-    c = torch.as_tensor(np.asarray(codes), dtype=torch.int64)
-    single = c.ndim <= 2
-    if c.ndim == 1:
-        c = c[None]  # (1, frames)
-    if c.ndim == 2:
-        c = c[None]  # (1, n_q, frames)
-    c = c[:, :1].to(model.device)  # (B, 1, frames)
-    with torch.inference_mode():
-        z, _, _ = model.quantizer.from_codes(c)  # (B, latent_dim, frames)
-        audio = model.decode(z)[:, 0]  # (B, T)
-    audio = audio.float().cpu().numpy()
-    return audio[0] if single else audio
+    c = np.asarray(codes)
+    return decode_codes(model, c[None] if c.ndim == 1 else c, n_codebooks=1)
