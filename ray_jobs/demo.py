@@ -1,9 +1,11 @@
 """`make demo` / `simba-ttm demo`: the whole system end to end on a 2-core CPU in minutes.
 
 Generated corpus (Jamendo layout, with bad inputs) -> preprocess (Ray Data) -> train Prefix SiMBA and the
-Cross Transformer at debug scale, side by side (Ray Train, MLflow) -> generate a few clips from each -> where
-to look. `--timings FILE` writes the wall time of each stage (`bench/demo.py` reads it).
-Pretrained parts come from configs/debug.yaml; the tiny random ones are created there when absent.
+Cross Transformer at debug scale, side by side (Ray Train, MLflow) -> generate a few clips from each -> the eval
+set from the corpus's held-out (Song Describer) tracks -> evaluate every checkpoint of both runs -> Fig. 3 and
+Fig. 1 -> where to look. `--timings FILE` writes the wall time of each stage (`bench/demo.py` reads it).
+Pretrained parts come from configs/debug.yaml; the tiny random ones are created there when absent (their FAD,
+KLD and CLAP are noise: the numbers test the pipeline, not the models).
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = cfg.preprocess
     corpus_root = Path(p.metadata_tsv).parent
-    _banner(f"1/4 corpus: {args.tracks} synthesized tracks + one of each bad input in {corpus_root}")
+    _banner(f"1/7 corpus: {args.tracks} synthesized tracks + one of each bad input in {corpus_root}")
     with stages("corpus"):
         if not Path(p.metadata_tsv).is_file():
             make_corpus(corpus_root, args.tracks, bad=True, seed=0, min_seconds=31, max_seconds=70, progress=False)
@@ -130,12 +132,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with stages("Ray start"):
         ensure_ray()
-    _banner("2/4 preprocess (Ray Data): decode, clip, vocal removal, silence rule, captions, DAC, Flan-T5")
+    _banner("2/7 preprocess (Ray Data): decode, clip, vocal removal, silence rule, captions, DAC, Flan-T5")
     with stages("preprocess"):
         summary = run_preprocess(cfg)
     print(summary.table())
 
-    _banner("3/4 train Prefix SiMBA and the Cross Transformer at debug scale, side by side (Ray Train + MLflow)")
+    _banner("3/7 train Prefix SiMBA and the Cross Transformer at debug scale, side by side (Ray Train + MLflow)")
     configs = {
         arch: load_config(args.config, [*args.overrides, f"model.arch={arch}", f"name=demo-{arch}"])
         for arch in ("simba", "transformer")
@@ -146,9 +148,23 @@ def main(argv: list[str] | None = None) -> int:
         shown = {k: round(v, 4) for k, v in out.result.metrics.items() if not k.startswith("seconds_")}
         print(f"{arch}: final metrics {shown}")
 
-    _banner("4/4 generate")
+    _banner("4/7 generate")
     with stages("generate"):
         _generate(results, cfg, out_dir)
+
+    _banner("5/7 eval set (Ray Data): the held-out Song Describer tracks' captions, T5 features, references, DAC codes")
+    with stages("eval set"):
+        code = _make_evalset(cfg, args)
+    if code:
+        return code
+    _banner("6/7 evaluate every checkpoint of both runs: FAD, KLD, CLAP (generation tasks + a scorer actor pool)")
+    with stages("evaluate"):
+        _evaluate(results, cfg)
+    _banner("7/7 the paper's figures: Fig. 3 (metrics over steps, both runs) and Fig. 1 (DAC codebooks)")
+    with stages("figures"):
+        code = _figures(results, args, out_dir)
+    if code:
+        return code
 
     _banner(f"done in {stages.total():.0f} s")
     print(stages.table())
@@ -159,9 +175,54 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rejects:     {p.rejects_dir}")
     print(f"checkpoints: {cfg.train.storage_path}")
     print(f"audio:       {out_dir}")
+    evaluated = [Path(o.config.train.storage_path) / o.config.name / "eval" for o in results.values()]
+    print(f"evaluation:  {', '.join(map(str, evaluated))}")
+    print(f"figures:     {out_dir / 'figure3' / 'figure3.png'}, {out_dir / 'codebooks' / 'codebooks.png'}")
     print(f"MLflow runs: {', '.join(o.run_id for o in results.values())}")
     print(f"browse them: .venv/bin/mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     return 0
+
+
+def _make_evalset(cfg, args) -> int:
+    """The eval set from the corpus's Song Describer CSV (kept when already there), and the tiny CLAP and PaSST
+    when debug.yaml's are missing. Returns an exit code (0: go on)."""
+    from eval.tiny import make_tiny_eval_models
+    from ray_jobs import make_evalset
+
+    e = cfg.eval
+    tiny_dir = resolve_path("data/demo/pretrained")
+    missing = [k for k in ("clap", "passt") if not Path(getattr(e, k)).exists()]
+    if missing and all(Path(getattr(e, k)).parent == tiny_dir for k in missing):
+        made = make_tiny_eval_models(tiny_dir)
+        print(f"NOTE: no real CLAP / PaSST configured: using TINY RANDOM ones ({made}); FAD, KLD and CLAP are noise.")
+    if any(Path(e.set_dir).glob("part-*.parquet")):
+        print(f"{e.set_dir}: already there (delete it to make a new one)")
+        return 0
+    return make_evalset.main(["--config", args.config, *args.overrides])
+
+
+def _evaluate(results: dict, cfg) -> None:
+    """Every checkpoint of both runs in one pass: their generation tasks side by side, one scorer pool for all."""
+    from eval.evaluate import CheckpointEvaluator, check_cluster, format_metrics, run_checkpoints, step_dir
+
+    check_cluster(cfg.eval, "cpu")
+    evaluator = CheckpointEvaluator(cfg.eval, Path(cfg.eval.set_dir), {}, "cpu")
+    todo, archs = [], []
+    for arch, out in results.items():
+        run_dir = Path(out.config.train.storage_path) / out.config.name
+        for step, file in run_checkpoints(run_dir).items():
+            todo.append((file, step_dir(run_dir, step)))
+            archs.append(arch)
+    for arch, ev in zip(archs, evaluator.evaluate(todo), strict=True):
+        print(f"{arch:<12} {format_metrics(ev)}")
+
+
+def _figures(results: dict, args, out_dir: Path) -> int:
+    from ray_jobs import codebooks, figure3
+
+    runs = [o.run_id for o in results.values()]
+    code = figure3.main(["--runs", *runs, "--config", args.config, "--out", str(out_dir / "figure3")])
+    return code or codebooks.main(["--config", args.config, *args.overrides, "--out", str(out_dir / "codebooks")])
 
 
 def _generate(results: dict, cfg, out_dir: Path) -> None:
