@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="simba-ttm demo", description=__doc__)
     parser.add_argument("--config", default="configs/debug.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    parser.add_argument("--tracks", type=int, default=12, help="tracks in the generated corpus")
+    parser.add_argument("--tracks", type=int, default=15, help="tracks in the generated corpus")
+    parser.add_argument(
+        "--sdd-tracks", type=int, default=4, help="of which held out as the eval set's (Song Describer)"
+    )
     parser.add_argument("--out", default="outputs/demo", help="where generated audio goes")
     parser.add_argument("--timings", metavar="FILE", help="also write the stage breakdown to FILE as JSON")
     args = parser.parse_args(argv)
@@ -116,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     _banner(f"1/7 corpus: {args.tracks} synthesized tracks + one of each bad input in {corpus_root}")
     with stages("corpus"):
         if not Path(p.metadata_tsv).is_file():
-            make_corpus(corpus_root, args.tracks, bad=True, seed=0, min_seconds=31, max_seconds=70, progress=False)
+            make_corpus(corpus_root, args.tracks, bad=True, seed=0, min_seconds=31, max_seconds=70, progress=False,
+                        sdd_tracks=args.sdd_tracks)  # fmt: skip
         else:
             print("already there (delete it to make a new one)")
 
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _banner("5/7 eval set (Ray Data): the held-out Song Describer tracks' captions, T5 features, references, DAC codes")
     with stages("eval set"):
-        code = _make_evalset(cfg, args)
+        code, cfg = _make_evalset(cfg, args)
     if code:
         return code
     _banner("6/7 evaluate every checkpoint of both runs: FAD, KLD, CLAP (generation tasks + a scorer actor pool)")
@@ -183,22 +187,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _make_evalset(cfg, args) -> int:
+def _make_evalset(cfg, args):
     """The eval set from the corpus's Song Describer CSV (kept when already there), and the tiny CLAP and PaSST
-    when debug.yaml's are missing. Returns an exit code (0: go on)."""
+    when debug.yaml's are missing. Returns (exit code, 0 to go on; the config with the models' paths)."""
     from eval.tiny import make_tiny_eval_models
     from ray_jobs import make_evalset
 
     e = cfg.eval
     tiny_dir = resolve_path("data/demo/pretrained")
-    missing = [k for k in ("clap", "passt") if not Path(getattr(e, k)).exists()]
-    if missing and all(Path(getattr(e, k)).parent == tiny_dir for k in missing):
+    missing = [k for k in ("clap", "passt") if not resolve_path(getattr(e, k)).exists()]
+    if missing and all(resolve_path(getattr(e, k)).parent == tiny_dir for k in missing):
         made = make_tiny_eval_models(tiny_dir)
-        print(f"NOTE: no real CLAP / PaSST configured: using TINY RANDOM ones ({made}); FAD, KLD and CLAP are noise.")
-    if any(Path(e.set_dir).glob("part-*.parquet")):
-        print(f"{e.set_dir}: already there (delete it to make a new one)")
-        return 0
-    return make_evalset.main(["--config", args.config, *args.overrides])
+        cfg = absolute_paths(cfg)  # the model settings name files now
+        print(f"NOTE: no real {' / '.join(missing)} configured: using TINY RANDOM ones ({made}).")
+        print("      FAD, KLD and CLAP below are noise: they show the pipeline works, not how good the models are.")
+    if any(Path(cfg.eval.set_dir).glob("part-*.parquet")):
+        print(f"{cfg.eval.set_dir}: already there (delete it to make a new one)")
+        return 0, cfg
+    return make_evalset.main(["--config", args.config, *args.overrides]), cfg
 
 
 def _evaluate(results: dict, cfg) -> None:

@@ -170,11 +170,18 @@ def plan_track(
 
 
 def plan_corpus(
-    n_tracks: int, *, bad: bool = False, seed: int = 0, min_seconds: float = 60.0, max_seconds: float = 100.0
+    n_tracks: int,
+    *,
+    bad: bool = False,
+    seed: int = 0,
+    min_seconds: float = 60.0,
+    max_seconds: float = 100.0,
+    sdd_tracks: int | None = None,
 ) -> list[TrackSpec]:
     """Plan n_tracks music tracks (+ one of each BAD_KINDS with bad=True), sorted by track number.
 
-    Kinds: about 10% sdd, 25% vocals and 20% silence, at least one of each while one `good` track is left.
+    Kinds: about 10% sdd (or `sdd_tracks` of them: the eval set's tracks), 25% vocals and 20% silence, at least one
+    of each while one `good` track is left.
     """
     if n_tracks < 1:
         raise ValueError(f"n_tracks must be at least 1, got {n_tracks}")
@@ -186,7 +193,8 @@ def plan_corpus(
     rng = np.random.default_rng(seed)
     kinds: list[str] = []
     for kind, share in KIND_SHARES:
-        count = min(max(1, round(share * n_tracks)), n_tracks - 1 - len(kinds))
+        wanted = sdd_tracks if kind == "sdd" and sdd_tracks is not None else max(1, round(share * n_tracks))
+        count = min(wanted, n_tracks - 1 - len(kinds))
         kinds += [kind] * max(count, 0)
     kinds += ["good"] * (n_tracks - len(kinds))
     kinds = [kinds[i] for i in rng.permutation(n_tracks)]

@@ -234,6 +234,7 @@ def make_corpus(
     max_seconds: float = 100.0,
     progress: bool = True,
     workers: int = 1,
+    sdd_tracks: int | None = None,
 ) -> CorpusManifest:
     """Write a corpus of n_tracks music tracks (+ one of each bad input with bad=True) under out_dir.
 
@@ -241,8 +242,12 @@ def make_corpus(
     a full clip). Files already in out_dir are overwritten, others are left alone. Returns the manifest
     that is also written to out_dir/corpus.json. With workers > 1, tracks are rendered and encoded in that
     many spawned processes (MP3 encoding dominates; the files do not depend on the number of workers).
+    `sdd_tracks`: how many tracks are Song Describer ones (held out of training, the eval set's audio);
+    None: about 10%.
     """
-    specs = plan_corpus(n_tracks, bad=bad, seed=seed, min_seconds=min_seconds, max_seconds=max_seconds)
+    specs = plan_corpus(
+        n_tracks, bad=bad, seed=seed, min_seconds=min_seconds, max_seconds=max_seconds, sdd_tracks=sdd_tracks
+    )
     root = Path(out_dir)
     audio_dir = root / AUDIO_DIR
     audio_dir.mkdir(parents=True, exist_ok=True)
