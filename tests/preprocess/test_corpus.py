@@ -42,6 +42,13 @@ def test_kinds_cover_everything(corpus):
     assert writer.CorpusManifest.load(corpus.root) == corpus
 
 
+def test_the_number_of_held_out_tracks_can_be_chosen():
+    kinds = [s.kind for s in tracks.plan_corpus(15, sdd_tracks=4, min_seconds=31, max_seconds=40)]
+    assert kinds.count("sdd") == 4 and kinds.count("good") >= 1 and len(kinds) == 15
+    default = [s.kind for s in tracks.plan_corpus(15, min_seconds=31, max_seconds=40)]
+    assert default.count("sdd") == 2  # about 10%
+
+
 def test_tsv_has_fixed_fields_then_variable_tags(corpus):
     header, *rows = _tsv_rows(corpus)
     assert header == ["TRACK_ID", "ARTIST_ID", "ALBUM_ID", "PATH", "DURATION", "TAGS"]
