@@ -42,6 +42,16 @@ def random_text(lengths: list[int], dim: int = TEXT_DIM, seed: int = 0) -> tuple
     return text * mask[..., None], mask
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models decode
+    fastest so; with more threads, hand-offs dominate (and stall on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=list(ARCHS))
 def arch(request) -> str:
     return request.param

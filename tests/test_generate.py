@@ -35,13 +35,7 @@ CAPTIONS = ["A happy rock song with loud electric guitar and drums.", "calm pian
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models decode fastest on one thread: with more, thread hand-offs dominate (and stall on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(pretrained: dict[str, str], *overrides: str) -> ExperimentConfig:

@@ -16,14 +16,7 @@ from modeling.pretrained.codec import decode_codes, load_codec
 from pipelines.preprocess.evalset import read_evalset
 from ray_jobs import codebooks as job
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models decode fastest on one thread: with more, thread hand-offs dominate (and stall on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
