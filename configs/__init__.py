@@ -14,6 +14,7 @@ from configs.schema import (
     ModelConfig,
     PreprocessConfig,
     TrainConfig,
+    TuneConfig,
 )
 from configs.validation import ConfigError
 
@@ -31,6 +32,7 @@ __all__ = [
     "ModelConfig",
     "PreprocessConfig",
     "TrainConfig",
+    "TuneConfig",
     "apply_overrides",
     "load_config",
     "load_file",

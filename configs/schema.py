@@ -1,7 +1,7 @@
 """Experiment configuration: one typed dataclass per concern, one YAML file per experiment.
 
 An experiment (`ExperimentConfig`) has a `name` and one section per dataclass (`model`, `data`,
-`preprocess`, `train`, `generation`, `mlflow`, `eval`). The dataclasses are the single source of truth: the
+`preprocess`, `train`, `generation`, `mlflow`, `eval`, `tune`). The dataclasses are the single source of truth: the
 YAML files map 1:1 onto them, model constructors receive their fields as plain keyword arguments.
 
 Types are checked by pydantic (the classes are pydantic dataclasses: `ModelConfig(d_state="abc")` fails
@@ -15,6 +15,7 @@ them out and a test keeps the two equal.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -26,7 +27,18 @@ from typing import Any, ClassVar, Literal
 import pydantic
 import yaml
 
-from configs.validation import Bool, ConfigError, Float, Int, Section, config_error, field_types, plain, section
+from configs.validation import (
+    Bool,
+    ConfigError,
+    Float,
+    Int,
+    Section,
+    check_key_path,
+    config_error,
+    field_types,
+    plain,
+    section,
+)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DAC_N_CODEBOOKS = 9  # DAC 44.1 kHz: 9 residual codebooks of 1024 entries
@@ -344,6 +356,102 @@ class EvalConfig(Section):
         self._require("gpus_per_actor", self.gpus_per_actor >= 0.0, ">= 0")
 
 
+# The distributions of `tune.space`, as Ray Tune names them; each value is a list: [name, arguments...].
+SPACE_DISTRIBUTIONS = {
+    "choice": "[choice, v1, v2, ...]: one of the values, uniformly",
+    "grid": "[grid, v1, v2, ...]: every value, each in its own trial(s)",
+    "uniform": "[uniform, lo, hi]: a float in [lo, hi)",
+    "loguniform": "[loguniform, lo, hi]: a float in [lo, hi), uniform in log space (lo > 0)",
+    "randint": "[randint, lo, hi]: an int in lo..hi-1",
+}
+TRIAL_RESOURCES = ("cpu", "gpu")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@section
+class TuneConfig(Section):
+    """A hyperparameter search over this experiment (`simba-ttm tune`): Ray Tune trials of the training loop.
+
+    `space` maps any config key to a distribution, written as a list that starts with its name:
+
+        space:
+          model.dropout: [uniform, 0.1, 0.4]
+          model.d_state: [choice, 64, 128, 256, 512]
+          train.lr: [loguniform, 3.0e-5, 3.0e-4]
+
+    The shapes of the distributions are checked here; that each key exists and each value makes a valid config is
+    checked by `ExperimentConfig` (`check_space`), which knows the other sections.
+    """
+
+    _section: ClassVar[str] = "tune"
+
+    space: dict[str, Any] = field(default_factory=dict)  # config key -> [distribution, arguments...]
+    num_samples: Int = 16  # trials (with `grid` values: trials per grid point)
+    max_concurrent_trials: Int = 1  # 0: as many as the cluster's resources fit
+    metric: str = "val_loss"  # a metric the trials report (at every validation and checkpoint)
+    mode: Literal["min", "max"] = "min"
+    scheduler: Literal["asha", "none"] = "asha"  # asha: stop the worse trials at rungs of grace_period x rf^k steps
+    grace_period: Int = 1000  # optimizer steps every trial runs before ASHA may stop it
+    reduction_factor: Float = 3.0  # ASHA keeps the best 1 / reduction_factor at each rung
+    search: Literal["random", "optuna"] = "random"  # optuna: TPE (Ray Tune's OptunaSearch)
+    resources_per_trial: dict[str, Float] = field(default_factory=lambda: {"cpu": 4.0, "gpu": 1.0})
+    max_failures: Int = 0  # retries of a crashed trial (from its last checkpoint); an OOM would only crash again
+    seed: Int = 0  # the search's own random state (trials train with train.seed)
+
+    def _validate(self) -> None:
+        self._require("num_samples", self.num_samples >= 1, ">= 1")
+        self._require("max_concurrent_trials", self.max_concurrent_trials >= 0, ">= 0 (0: as many as fit)")
+        self._require("metric", bool(self.metric.strip()), "a metric name, e.g. val_loss")
+        self._require("grace_period", self.grace_period >= 1, ">= 1 (optimizer steps)")
+        self._require("reduction_factor", self.reduction_factor > 1.0, "> 1")
+        self._require("max_failures", self.max_failures >= 0, ">= 0")
+        for name, amount in self.resources_per_trial.items():
+            if name not in TRIAL_RESOURCES:
+                raise ConfigError(
+                    f"tune.resources_per_trial has an unknown resource {name!r}; valid: {', '.join(TRIAL_RESOURCES)}"
+                )
+            if amount < 0:
+                raise ConfigError(f"tune.resources_per_trial.{name} must be >= 0, got {amount!r}")
+        if not self.resources_per_trial.get("cpu", 0) > 0:
+            raise ConfigError(f"tune.resources_per_trial needs cpu > 0, got {self.resources_per_trial!r}")
+        for key, spec in self.space.items():
+            self._check_distribution(key, spec)
+        if self.search == "optuna" and any(spec[0] == "grid" for spec in self.space.values()):
+            raise ConfigError("tune.space has a grid, which tune.search 'optuna' cannot search: use choice, or random")
+
+    def _check_distribution(self, key: str, spec: Any) -> None:
+        where = f"tune.space[{key!r}]"
+        valid = "; ".join(SPACE_DISTRIBUTIONS.values())
+        if not isinstance(spec, list) or not spec or spec[0] not in SPACE_DISTRIBUTIONS:
+            raise ConfigError(f"{where} must be a distribution, got {spec!r}; valid: {valid}")
+        kind, args = spec[0], spec[1:]
+        if kind in ("choice", "grid"):
+            if not args:
+                raise ConfigError(f"{where}: {kind} needs at least one value, got {spec!r}")
+            return
+        if len(args) != 2 or not all(_is_number(a) for a in args):
+            raise ConfigError(
+                f"{where}: {kind} needs two numbers, lo and hi, got {spec!r} ({SPACE_DISTRIBUTIONS[kind]})"
+            )
+        lo, hi = args
+        if not lo < hi:
+            raise ConfigError(f"{where}: {kind} needs lo < hi, got {spec!r}")
+        if kind == "loguniform" and lo <= 0:
+            raise ConfigError(f"{where}: loguniform needs lo > 0, got {spec!r}")
+        if kind == "randint" and not all(isinstance(a, int) for a in args):
+            raise ConfigError(f"{where}: randint needs two ints, got {spec!r}")
+
+    def candidate_values(self, key: str) -> list[Any]:
+        """Values of `key` that stand for all its distribution can give: every listed value, or a range's ends."""
+        kind, *args = self.space[key]
+        if kind in ("choice", "grid"):
+            return list(args)
+        return [args[0], args[1] - 1] if kind == "randint" else list(args)
+
+
 @section
 class ExperimentConfig(Section):
     """One experiment: what one YAML file in configs/ describes."""
@@ -356,9 +464,41 @@ class ExperimentConfig(Section):
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def _validate(self) -> None:
         self._require("name", bool(self.name.strip()), "non-empty")
+        self.check_space()
+
+    def check_space(self) -> None:
+        """Every key of `tune.space` exists (and is not of the tune section), and every value its distribution can
+        give makes a valid config: a misspelt key or an out-of-range value fails here, before Ray starts."""
+        if not self.tune.space:
+            return
+        base = self.to_dict()
+        base["tune"] = {}  # the configs built below do not check a space again
+        for key, spec in self.tune.space.items():
+            parts = key.split(".")
+            if parts[0] in ("tune", "name") or len(parts) != 2:
+                choices = ", ".join(f"{s}.<key>" for s in base if s not in ("tune", "name"))
+                raise ConfigError(f"tune.space key {key!r} is not a config key to search; use one of {choices}")
+            try:
+                check_key_path(parts, type(self))
+            except ConfigError as e:
+                raise ConfigError(f"tune.space: {e}") from None
+            field_type = field_types(type(getattr(self, parts[0])))[parts[1]]
+            type_name = getattr(field_type, "__name__", str(field_type))
+            if spec[0] in ("uniform", "loguniform") and field_type is not float:
+                raise ConfigError(f"tune.space[{key!r}]: {spec[0]} draws floats, but {key} is {type_name}")
+            if spec[0] == "randint" and field_type is not int:
+                raise ConfigError(f"tune.space[{key!r}]: randint draws ints, but {key} is {type_name}")
+            for value in self.tune.candidate_values(key):
+                d = copy.deepcopy(base)
+                d[parts[0]][parts[1]] = value
+                try:
+                    ExperimentConfig.from_dict(d)
+                except ConfigError as e:
+                    raise ConfigError(f"tune.space[{key!r}] = {spec!r} can give {key} = {value!r}: {e}") from None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> ExperimentConfig:

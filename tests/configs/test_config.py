@@ -23,7 +23,7 @@ from configs import (
 from configs.loading import load_file, resolve_config_path
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
-SECTIONS = ("model", "data", "preprocess", "train", "generation", "mlflow", "eval")
+SECTIONS = ("model", "data", "preprocess", "train", "generation", "mlflow", "eval", "tune")
 
 
 def _schema_keys() -> dict[str, set[str]]:
@@ -177,7 +177,7 @@ def test_unknown_section_and_key_in_file(tmp_path):
     with pytest.raises(
         ConfigError,
         match=r"unknown key 'modle'; valid keys: data, eval, generation, mlflow, model, name, "
-        r"preprocess, train \(did you mean 'model'\?\)",
+        r"preprocess, train, tune \(did you mean 'model'\?\)",
     ):
         load_config(None, ["modle.d_model=3"])
     path = tmp_path / "bad.yaml"
@@ -435,3 +435,62 @@ def test_interpolation_resolves_against_the_final_config(tmp_path):
     assert load_config(child).model.mlp_dim == 128
     assert load_config(base, ["model.d_model=96"]).model.mlp_dim == 96
     assert load_file(child)["model"]["mlp_dim"] == 128
+
+
+def test_tune_yaml_searches_the_papers_three():
+    cfg = load_config("tune")
+    assert cfg.tune.space == {
+        "model.dropout": ["uniform", 0.1, 0.4],
+        "model.d_state": ["choice", 64, 128, 256, 512],
+        "train.lr": ["loguniform", 3e-5, 3e-4],
+    }
+    assert (cfg.tune.scheduler, cfg.tune.metric, cfg.tune.mode) == ("asha", "val_loss", "min")
+    assert cfg.tune.resources_per_trial == {"cpu": 4.0, "gpu": 1.0}
+    debug = load_config("tune_debug")
+    assert debug.tune.resources_per_trial["gpu"] == 0.0 and not debug.train.use_gpu
+    assert debug.model.d_model == load_config("debug").model.d_model
+
+
+SPACE = "tune.space={model.dropout: [uniform, 0.1, 0.4], train.lr: [loguniform, 3.0e-4, 3.0e-3]}"
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ("{model.d_stat: [choice, 8]}", "tune.space: unknown key 'model.d_stat'; valid keys: arch, "),
+        ("{model.d_stat: [choice, 8]}", "(did you mean 'model.d_state'?)"),
+        ("{modle.dropout: [choice, 0.1]}", "(did you mean 'model'?)"),
+        ("{dropout: [choice, 0.1]}", "tune.space key 'dropout' is not a config key to search; use one of model.<key>"),
+        ("{tune.seed: [choice, 1]}", "tune.space key 'tune.seed' is not a config key to search"),
+        ("{model.dropout: [normal, 0.1, 0.2]}", "tune.space['model.dropout'] must be a distribution, got ['normal'"),
+        ("{model.dropout: 0.3}", "tune.space['model.dropout'] must be a distribution, got 0.3; valid: [choice, v1"),
+        ("{model.dropout: [uniform, 0.1]}", "tune.space['model.dropout']: uniform needs two numbers"),
+        ("{model.dropout: [uniform, 0.4, 0.1]}", "uniform needs lo < hi, got ['uniform', 0.4, 0.1]"),
+        ("{train.lr: [loguniform, 0.0, 0.1]}", "loguniform needs lo > 0"),
+        ("{model.n_layers: [randint, 1, 2.5]}", "randint needs two ints"),
+        ("{model.dropout: [choice]}", "choice needs at least one value"),
+        ("{model.d_state: [uniform, 8, 64]}", "uniform draws floats, but model.d_state is int"),
+        ("{model.dropout: [randint, 0, 2]}", "randint draws ints, but model.dropout is float"),
+        ("{model.dropout: [uniform, 0.1, 1.5]}", "can give model.dropout = 1.5: model.dropout must be in [0, 1)"),
+        ("{model.d_state: [choice, 8, abc]}", "can give model.d_state = 'abc': model.d_state expects int"),
+        ("{model.arch: [grid, simba, mamba]}", "can give model.arch = 'mamba': model.arch must be one of"),
+    ],
+)
+def test_tune_space_errors_name_the_key(space, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("debug", [f"tune.space={space}"])
+
+
+def test_tune_section_checks():
+    cfg = load_config("debug", [SPACE, "tune.search=optuna"])
+    assert cfg.tune.space["train.lr"] == ["loguniform", 3e-4, 3e-3]
+    for overrides, message in [
+        (["tune.resources_per_trial={tpu: 1}"], "unknown resource 'tpu'; valid: cpu, gpu"),
+        (["tune.resources_per_trial={cpu: 0}"], "needs cpu > 0"),
+        (["tune.num_samples=0"], "tune.num_samples must be >= 1"),
+        (["tune.reduction_factor=1"], "tune.reduction_factor must be > 1"),
+        (["tune.scheduler=hyperband"], "tune.scheduler must be one of 'asha', 'none'"),
+        (["tune.search=optuna", "tune.space={model.dropout: [grid, 0.1, 0.2]}"], "'optuna' cannot search"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config("debug", overrides)
