@@ -1,6 +1,7 @@
-"""The training loop: one function (`train_loop_per_worker`) that Ray Train runs on every worker.
+"""The training loop: one recipe that Ray Train runs on every worker (`train_loop_per_worker`) and Ray Tune runs
+as each trial of a sweep (`pipelines.train.sweep.tune_trial`); the few calls that differ are a `Session`.
 
-It reads as a recipe, top to bottom: setup (seed, model, optimizer, resume from Ray Train's checkpoint, data
+It reads as a recipe, top to bottom: setup (seed, model, optimizer, resume from the session's checkpoint, data
 shards, MLflow logger) -> train (gradient accumulation, clipping, warm-up + cosine, bf16 autocast on CUDA;
 validate / generate / checkpoint every N optimizer steps) -> save (the final model, to MLflow) -> cleanup.
 Rank 0 logs to MLflow. A checkpoint holds the model (`model.pt`, what `simba-ttm generate` loads) and the
@@ -20,8 +21,6 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-import ray.train
-import ray.train.torch
 import torch
 
 from configs.schema import ExperimentConfig
@@ -43,6 +42,7 @@ from pipelines.train.ema import EMA
 from pipelines.train.optim import autocast_dtype, clip_and_step, make_optimizer
 from pipelines.train.progress import Progress, peak_flops, train_flops_per_token
 from pipelines.train.samples import SampleWriter
+from pipelines.train.session import RayTrainSession, Session
 from pipelines.train.step import StepStats, micro_batch_backward, scale_to_token_mean, seed_micro_batch
 from pipelines.train.tracking import RunLogger
 from pipelines.train.validation import validate
@@ -51,7 +51,11 @@ from pipelines.train.validation import validate
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. config: {"experiment": cfg.to_dict(), "run_id", "tracking_uri", "run_dir",
     "local_mode"} (see `driver.run_training`)."""
-    recipe = TrainRecipe(config)
+    run_recipe(TrainRecipe(config, RayTrainSession()))
+
+
+def run_recipe(recipe: TrainRecipe) -> None:
+    """The loop body both drivers run: Ray Train's workers (above) and Tune's trials (`sweep.tune_trial`)."""
     with recipe.timed("setup"):
         recipe.setup()
     recipe.train()
@@ -73,10 +77,15 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class TrainRecipe:
-    """One worker's training run; `train_loop_per_worker` calls its steps in order."""
+    """One worker's training run; `run_recipe` calls its steps in order.
 
-    def __init__(self, config: dict):
+    config: {"experiment": cfg.to_dict(), "run_id", "tracking_uri", "run_dir", "local_mode", "log_final_model"}
+    session: who runs it (Ray Train or Tune): rank, device, the checkpoint to resume from, where reports go.
+    """
+
+    def __init__(self, config: dict, session: Session):
         self.config = config
+        self.session = session
         self.cfg = ExperimentConfig.from_dict(config["experiment"])
         self.seconds: dict[str, float] = defaultdict(float)  # wall time by part, in every checkpoint's report
 
@@ -92,9 +101,7 @@ class TrainRecipe:
 
     def setup(self) -> None:
         cfg, t = self.cfg, self.cfg.train
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.rank, self.world, self.device = self.session.rank, self.session.world, self.session.device
         self.amp = autocast_dtype(t, self.device)
 
         torch.manual_seed(t.seed)  # the same initial weights on every worker (DDP also broadcasts rank 0's)
@@ -104,14 +111,14 @@ class TrainRecipe:
         self.state = TrainState()
         self.run_dir = Path(self.config["run_dir"]) if self.config.get("run_dir") else None
         self.local_mode = bool(self.config.get("local_mode"))
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = self.session.get_checkpoint()
         if checkpoint is None and self.local_mode:  # Ray Train does not keep local-mode checkpoints: we do
             checkpoint = latest_local_checkpoint(self.run_dir)
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 self.state = load_checkpoint(Path(d), self.raw, self.opt, self.sched, self.ema)
             say(f"[rank {self.rank}] resumed from step {self.state.step} (epoch {self.state.epoch})")
-        self.model = ray.train.torch.prepare_model(self.raw) if self.world > 1 else self.raw
+        self.model = self.session.prepare_model(self.raw)
 
         config = self.config
         self.logger = (
@@ -257,21 +264,21 @@ class TrainRecipe:
                 metrics["shard_overlap_rows"] = shard_overlap(self.consumed)
         if self.logger is not None:
             self.logger.metrics(metrics, step=self.state.step)
+        seconds = {f"seconds_{part}": value for part, value in self.seconds.items()}
         if not save:
+            if "val_loss" in metrics:  # every validation reaches the driver: a Tune scheduler decides on it
+                self.session.report({"step": self.state.step, **metrics, **seconds}, None)
             return
-        # Every rank reports (a barrier); rank 0 hands over the checkpoint directory, which Ray Train copies
+        # Every rank reports (a barrier); rank 0 hands over the checkpoint directory, which the driver copies
         # into the run folder. In local mode nothing is copied: the checkpoint is written there directly.
         if self.local_mode and self.run_dir is not None:
             directory = self.run_dir / f"{LOCAL_CHECKPOINT_PREFIX}{self.state.step:06d}"
         else:
             directory = Path(tempfile.mkdtemp(prefix="simba-ckpt-"))
-        ckpt = None
         t0 = time.perf_counter()
         if self.rank == 0:
             save_checkpoint(directory, self.raw, self.cfg, self.opt, self.sched, self.state, self.ema)
-            ckpt = ray.train.Checkpoint.from_directory(str(directory))
-        seconds = {f"seconds_{part}": value for part, value in self.seconds.items()}
-        ray.train.report({"step": self.state.step, **metrics, **seconds}, checkpoint=ckpt)
+        self.session.report({"step": self.state.step, **metrics, **seconds}, directory if self.rank == 0 else None)
         self.seconds["checkpoints"] += time.perf_counter() - t0
         if self.local_mode and self.run_dir is not None:
             prune_local_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
@@ -281,8 +288,9 @@ class TrainRecipe:
     # --- save -----------------------------------------------------------------------------------------------
 
     def save_final_model(self) -> None:
-        """Rank 0 logs the final weights to the MLflow run as `checkpoint/model.pt`."""
-        if self.logger is not None:
+        """Rank 0 logs the final weights to the MLflow run as `checkpoint/model.pt` (a sweep's trials do not: their
+        checkpoints stay in the sweep's folder, and `best.yaml` retrains the winner)."""
+        if self.logger is not None and self.config.get("log_final_model", True):
             with tempfile.TemporaryDirectory() as tmp, self._handed_out() as model:
                 self.logger.artifact(save_model(tmp, model, self.cfg, self.state.step), "checkpoint")
 
