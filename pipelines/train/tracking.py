@@ -60,8 +60,13 @@ def experiment_id(cfg: ExperimentConfig, uri: str) -> str:
     return client.create_experiment(cfg.mlflow.experiment, artifact_location=artifact_location)
 
 
-def start_or_resume_run(cfg: ExperimentConfig, storage: str, uri: str, config_yaml: Path | None = None) -> str:
-    """The run id for `cfg.name` stored under `storage`: the existing one (a restart), else a new run."""
+def start_or_resume_run(
+    cfg: ExperimentConfig, storage: str, uri: str, config_yaml: Path | None = None, tags: dict[str, str] | None = None
+) -> str:
+    """The run id for `cfg.name` stored under `storage`: the existing one (a restart), else a new run.
+
+    tags: set on a new run besides the name and storage (a sweep's trial: `mlflow.parentRunId`, so the UI nests it).
+    """
     client = _client(uri)
     exp_id = experiment_id(cfg, uri)
     found = client.search_runs(
@@ -74,7 +79,7 @@ def start_or_resume_run(cfg: ExperimentConfig, storage: str, uri: str, config_ya
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "simba_ttm.resumed_at", time.strftime("%Y-%m-%d %H:%M:%S"))
         return run_id
-    run = client.create_run(exp_id, run_name=cfg.name, tags={NAME_TAG: cfg.name, STORAGE_TAG: storage})
+    run = client.create_run(exp_id, run_name=cfg.name, tags={NAME_TAG: cfg.name, STORAGE_TAG: storage, **(tags or {})})
     run_id = run.info.run_id
     params = {k: str(v)[:6000] for k, v in cfg.flatten().items()} | environment_params()
     items = [Param(k, v) for k, v in params.items()]
