@@ -12,6 +12,10 @@ JOBS = {
     "preprocess": ("ray_jobs.preprocess", "Jamendo audio -> DAC tokens + T5 embeddings (Ray Data -> Parquet)"),
     "make-evalset": ("ray_jobs.make_evalset", "caption CSV + audio -> eval set: T5 features, references, DAC codes"),
     "train": ("ray_jobs.train", "train Prefix SiMBA or the Cross Transformer on Ray Train, logging to MLflow"),
+    "tune": (
+        "ray_jobs.tune",
+        "hyperparameter search over the training loop on Ray Tune (ASHA), trials nested in MLflow",
+    ),
     "generate": ("ray_jobs.generate", "WAV + spectrogram for prompts from a checkpoint"),
     "evaluate": ("ray_jobs.evaluate", "FAD, KLD, CLAP of a checkpoint (or every checkpoint of a run), to MLflow"),
     "figure3": ("ray_jobs.figure3", "the paper's Fig. 3: FAD, KLD, CLAP and losses over steps of MLflow runs"),
