@@ -1,0 +1,136 @@
+"""Hyperparameter search on a real Ray Tune, with a real MLflow store and the Parquet of a real preprocessing run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from configs import ExperimentConfig, apply_overrides, load_config
+from pipelines.train.driver import run_training
+from pipelines.train.sweep import BEST_YAML, PARENT_TAG, STOPPED_EARLY_TAG, TRIAL_TAG, ranked_table, run_sweep
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Two good and two useless learning rates (grid: in this order), so that ASHA has something to stop at step 4
+# whatever order the two concurrent trials reach it in; dropout is drawn.
+SPACE = "tune.space={train.lr: [grid, 3.0e-3, 1.0e-6, 2.0e-3, 2.0e-6], model.dropout: [uniform, 0.1, 0.4]}"
+
+
+def _sweep_cfg(preprocessed, tmp_path: Path, *overrides: str) -> ExperimentConfig:
+    base, _ = preprocessed
+    d = base.to_dict()
+    d["name"] = "sweep"
+    d["train"].update(storage_path=str(tmp_path / "runs"), max_steps=12, warmup_steps=2, checkpoint_every=4)
+    d["train"].update(val_every=2, generate_every=0, batch_size=2)
+    d["data"]["max_frames"] = 64
+    d["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    d["tune"].update(num_samples=1, max_concurrent_trials=2, grace_period=4, reduction_factor=2.0)
+    d["tune"]["resources_per_trial"] = {"cpu": 1.0, "gpu": 0.0}
+    return ExperimentConfig.from_dict(apply_overrides(d, [SPACE, *overrides]))
+
+
+def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_asha_sweep_nests_trials_in_mlflow_and_writes_a_trainable_best_yaml(preprocessed, ray_session, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = _sweep_cfg(preprocessed, tmp_path)
+    out = run_sweep(cfg)
+    table = ranked_table(out.rows, cfg)
+    print(table)
+
+    assert len(out.rows) == 4 and all(r.status == "TERMINATED" for r in out.rows), table
+    early = [r for r in out.rows if r.stopped_early]
+    assert early and all(r.steps < 12 for r in early), table  # ASHA stopped some trial at a rung
+    assert any(r.steps == 12 and not r.stopped_early for r in out.rows), table
+    assert out.rows[0].params["train.lr"] in (3e-3, 2e-3), table  # a useful learning rate wins
+    metrics = [r.metric for r in out.rows]
+    assert metrics == sorted(metrics)
+
+    client = MlflowClient(out.tracking_uri)
+    parent = client.get_run(out.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sweep.space.train.lr"].startswith("grid")
+    assert parent.data.params["sweep.asha.grace_period"] == "4"
+    files = {f.path for f in client.list_artifacts(out.parent_run_id)}
+    assert {"results.csv", "best.yaml", "search.yaml", "results.txt", "config.yaml", "plots"} <= files
+    plots = {f.path for f in client.list_artifacts(out.parent_run_id, "plots")}
+    assert plots == {"plots/metric_vs_params.png", "plots/parallel.png"}
+
+    for row in out.rows:  # every trial is a run nested under the sweep, with its config and every step
+        run = client.get_run(row.run_id)
+        assert run.data.tags[PARENT_TAG] == out.parent_run_id and run.data.tags[TRIAL_TAG] == row.trial_id
+        assert run.data.tags[STOPPED_EARLY_TAG] == str(row.stopped_early).lower()
+        assert run.info.status == "FINISHED"
+        assert float(run.data.params["train.lr"]) == row.params["train.lr"]
+        assert float(run.data.params["model.dropout"]) == pytest.approx(row.params["model.dropout"])
+        assert run.data.params["model.d_model"] == str(cfg.model.d_model)
+        assert [s for s, _ in _history(client, row.run_id, "train_loss")] == list(range(1, row.steps + 1))
+
+    # best.yaml is a full config with the winner's values; trained, it repeats the winning trial's losses: the
+    # trials run the same loop as `simba-ttm train` (same seed, fp32 CPU, one thread like the trial's process).
+    best = load_config(out.path / BEST_YAML)
+    assert best.train.lr == out.rows[0].params["train.lr"]
+    assert best.model.dropout == out.rows[0].params["model.dropout"]
+    assert best.model.d_model == cfg.model.d_model and best.name == "sweep-best"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trained = run_training(best, local_mode=True)
+    finally:
+        torch.set_num_threads(threads)
+    alone = _history(client, trained.run_id, "train_loss")
+    in_sweep = _history(client, out.rows[0].run_id, "train_loss")
+    assert len(alone) == 12
+    for (step, a), (_, b) in zip(alone, in_sweep, strict=True):
+        assert a == pytest.approx(b, rel=1e-5), f"step {step}: train {a} vs trial {b}"
+
+
+def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(preprocessed, ray_session, tmp_path):
+    """lr 1e3 makes every step non-finite after the first; with max_nonfinite_steps=1 that trial fails."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = _sweep_cfg(
+        preprocessed, tmp_path, "tune.space={train.lr: [grid, 3.0e-3, 1.0e+30]}", "tune.scheduler=none",
+        "train.max_steps=4", "train.max_nonfinite_steps=1", "train.grad_clip=0", "train.val_every=4",
+    )  # fmt: skip
+    out = run_sweep(cfg)
+    table = ranked_table(out.rows, cfg)
+    print(table)
+    ok, failed = out.rows
+    assert ok.status == "TERMINATED" and ok.params["train.lr"] == 3e-3
+    assert failed.status == "ERROR" and "non-finite" in failed.error, table
+    client = MlflowClient(out.tracking_uri)
+    run = client.get_run(failed.run_id)
+    assert run.info.status == "FAILED" and "non-finite" in run.data.tags["simba_ttm.error"]
+    assert "error.txt" in {f.path for f in client.list_artifacts(failed.run_id)}
+    assert load_config(out.path / BEST_YAML).train.lr == 3e-3
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("tune.space={model.d_stat: [choice, 8, 16]}", "did you mean 'model.d_state'?"),
+        ("tune.space={train.lr: [logunifrom, 3e-5, 3e-4]}", "tune.space['train.lr'] must be a distribution"),
+        ("tune.space={train.lr: [loguniform, 3e-4, 3e-5]}", "loguniform needs lo < hi"),
+    ],
+)
+def test_a_bad_search_space_fails_before_ray_starts(override, message):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.tune", "--config", "configs/tune_debug.yaml", override],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert time.time() - t0 < 60
