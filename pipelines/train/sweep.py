@@ -78,7 +78,8 @@ def trial_config(experiment: dict, params: dict[str, Any], name: str) -> Experim
 def tune_trial(params: dict[str, Any], sweep: dict) -> None:
     """One trial: the sweep's config with `params` put in, trained by the same recipe as `simba-ttm train`.
 
-    sweep: {"experiment": the sweep's config as dicts, "parent_run_id", "tracking_uri", "use_gpu"}.
+    sweep: {"experiment": the sweep's config as dicts, "parent_run_id", "tracking_uri", "storage" (the sweep's
+    folder), "use_gpu"}.
     """
     from ray import tune
 
@@ -88,7 +89,7 @@ def tune_trial(params: dict[str, Any], sweep: dict) -> None:
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     cfg = trial_config(sweep["experiment"], params, f"{sweep['experiment']['name']}-{trial_id}")
-    run_dir = Path(ctx.get_trial_dir())
+    run_dir = Path(sweep["storage"]) / f"{TRIAL_PREFIX}{trial_id}"  # Tune's folder of the trial (storage_path is local)
     tags = {PARENT_TAG: sweep["parent_run_id"], TRIAL_TAG: trial_id}
     run_id = start_or_resume_run(cfg, sweep["storage"], sweep["tracking_uri"], tags=tags)
     config = {

@@ -134,3 +134,60 @@ def test_a_bad_search_space_fails_before_ray_starts(override, message):
     assert message in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert time.time() - t0 < 60
+
+
+def _trial_states(sweep_dir: Path) -> dict[str, str]:
+    """Trial id -> status, from the newest experiment state Tune saved (what `Tuner.restore` reads)."""
+    import json
+
+    files = sorted(sweep_dir.glob("experiment_state-*.json"))
+    if not files:
+        return {}
+    try:
+        trials = [json.loads(t[0]) for t in json.loads(files[-1].read_text())["trial_data"]]  # [trial, runtime]
+    except (ValueError, KeyError):  # being written
+        return {}
+    return {t["trial_id"]: t["status"] for t in trials}
+
+
+def test_kill9_of_the_sweep_driver_then_resume(preprocessed, ray_session, tmp_path):
+    """The driver killed with SIGKILL after its first trial finished: `--resume` keeps that trial (not rerun),
+    runs the others, and the sweep ends in the same MLflow parent run."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    cfg = _sweep_cfg(preprocessed, tmp_path, "tune.space={train.lr: [grid, 3.0e-3, 2.0e-3, 1.0e-3]}",
+                     "tune.scheduler=none", "tune.max_concurrent_trials=1", "name=resumed")  # fmt: skip
+    cfg_path = cfg.dump_yaml(tmp_path / "sweep.yaml")
+    address = ray_session.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "ray_jobs.tune", "--config", str(cfg_path), "--address", address]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    sweep_dir = tmp_path / "runs" / "resumed"
+    deadline = time.time() + 300
+    while "TERMINATED" not in _trial_states(sweep_dir).values():
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.time() < deadline, "no trial finished within 300 s"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    done_before = {t for t, s in _trial_states(sweep_dir).items() if s == "TERMINATED"}
+    assert 1 <= len(done_before) < 3
+
+    second = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "best config:" in second.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("simba_ttm.kind") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", "the resume must continue the parent run"
+    trials = {r.data.tags[TRIAL_TAG]: r for r in runs if r.data.tags.get(PARENT_TAG) == parents[0].info.run_id}
+    assert len(trials) == 3 and set(_trial_states(sweep_dir).values()) == {"TERMINATED"}
+    for trial_id, run in trials.items():
+        steps = [s for s, _ in _history(client, run.info.run_id, "train_loss")]
+        assert sorted(set(steps)) == list(range(1, 13)), (trial_id, steps)
+        if trial_id in done_before:  # finished before the kill: not run again
+            assert steps == list(range(1, 13)), (trial_id, steps)
+            assert not client.get_metric_history(run.info.run_id, "resumed_from_step")
