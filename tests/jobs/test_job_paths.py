@@ -17,6 +17,10 @@ JOBS = {
         ["--config", "debug"],
         ["data.tokens_dir=data/demo/tokens", "train.storage_path=runs/debug", "the MLflow store sqlite:///mlflow.db"],
     ),
+    "tune": (
+        ["--config", "tune_debug"],
+        ["data.tokens_dir=data/demo/tokens", "train.storage_path=runs/debug", "the MLflow store sqlite:///mlflow.db"],
+    ),
     "preprocess": (
         ["--config", "debug"],
         ["preprocess.metadata_tsv=data/demo/corpus/", "preprocess.audio_root=", "preprocess.exclude_csv=",
