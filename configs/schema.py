@@ -365,6 +365,8 @@ SPACE_DISTRIBUTIONS = {
     "randint": "[randint, lo, hi]: an int in lo..hi-1",
 }
 TRIAL_RESOURCES = ("cpu", "gpu")
+# What a trial reports to Tune at every validation and checkpoint (evaluation scores go to MLflow only, for now).
+TUNE_METRICS = ("val_loss", "train_loss")
 
 
 def _is_number(value: object) -> bool:
@@ -391,7 +393,7 @@ class TuneConfig(Section):
     space: dict[str, Any] = field(default_factory=dict)  # config key -> [distribution, arguments...]
     num_samples: Int = 16  # trials (with `grid` values: trials per grid point)
     max_concurrent_trials: Int = 1  # 0: as many as the cluster's resources fit
-    metric: str = "val_loss"  # a metric the trials report (at every validation and checkpoint)
+    metric: str = "val_loss"  # one of TUNE_METRICS: what trials report at every validation and checkpoint
     mode: Literal["min", "max"] = "min"
     scheduler: Literal["asha", "none"] = "asha"  # asha: stop the worse trials at rungs of grace_period x rf^k steps
     grace_period: Int = 1000  # optimizer steps every trial runs before ASHA may stop it
@@ -404,7 +406,12 @@ class TuneConfig(Section):
     def _validate(self) -> None:
         self._require("num_samples", self.num_samples >= 1, ">= 1")
         self._require("max_concurrent_trials", self.max_concurrent_trials >= 0, ">= 0 (0: as many as fit)")
-        self._require("metric", bool(self.metric.strip()), "a metric name, e.g. val_loss")
+        self._require(
+            "metric",
+            self.metric in TUNE_METRICS,
+            f"one of the metrics trials report: {', '.join(TUNE_METRICS)} (evaluation scores such as eval/clap are "
+            "logged to MLflow during training, not reported to Tune)",
+        )
         self._require("grace_period", self.grace_period >= 1, ">= 1 (optimizer steps)")
         self._require("reduction_factor", self.reduction_factor > 1.0, "> 1")
         self._require("max_failures", self.max_failures >= 0, ">= 0")

@@ -488,6 +488,7 @@ def test_tune_section_checks():
         (["tune.resources_per_trial={tpu: 1}"], "unknown resource 'tpu'; valid: cpu, gpu"),
         (["tune.resources_per_trial={cpu: 0}"], "needs cpu > 0"),
         (["tune.num_samples=0"], "tune.num_samples must be >= 1"),
+        (["tune.metric=eval/clap"], "tune.metric must be one of the metrics trials report: val_loss, train_loss"),
         (["tune.reduction_factor=1"], "tune.reduction_factor must be > 1"),
         (["tune.scheduler=hyperband"], "tune.scheduler must be one of 'asha', 'none'"),
         (["tune.search=optuna", "tune.space={model.dropout: [grid, 0.1, 0.2]}"], "'optuna' cannot search"),
