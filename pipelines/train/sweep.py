@@ -263,8 +263,11 @@ def _scheduler(cfg: ExperimentConfig):
 
 
 def _searcher(cfg: ExperimentConfig):
+    """Random samples (and every grid point) drawn from tune.seed, or Optuna's TPE seeded by it."""
     if cfg.tune.search == "random":
-        return None  # Tune's BasicVariantGenerator: random samples (and every grid point)
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=cfg.tune.seed)
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(seed=cfg.tune.seed)

@@ -191,3 +191,19 @@ def test_kill9_of_the_sweep_driver_then_resume(preprocessed, ray_session, tmp_pa
         if trial_id in done_before:  # finished before the kill: not run again
             assert steps == list(range(1, 13)), (trial_id, steps)
             assert not client.get_metric_history(run.info.run_id, "resumed_from_step")
+
+
+def test_tune_seed_repeats_the_random_draws():
+    from ray.tune.experiment import Experiment
+
+    from pipelines.train.sweep import _searcher, search_space
+
+    def draws(seed: int) -> list[dict]:
+        cfg = load_config("tune_debug", [f"tune.seed={seed}"])
+        searcher = _searcher(cfg)
+        searcher.add_configurations(
+            [Experiment("x", lambda c: None, config=search_space(cfg.tune.space), num_samples=3)]
+        )
+        return [searcher.next_trial().config for _ in range(3)]
+
+    assert draws(0) == draws(0) and draws(0) != draws(1)
