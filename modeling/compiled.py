@@ -1,17 +1,27 @@
 """A compiled decoding step: SiMBA's per-token work as one fused, bandwidth-bound kernel on the CPU.
 
 Decoding one token of a batch-1 + CFG stream multiplies a 2-row activation by every weight matrix, so a
-step is a stream over all weights. Eager PyTorch hands each 2-row product to MKL's gemm, which reaches
-about 7-10 GB/s on the 2-core AMD machines here (DRAM reads run at ~30 GB/s), and spends the rest of the
-step on ~400 small operator calls. `compiled_step` compiles `model.step` with TorchInductor and two changes
-to its defaults:
+step is a stream over all weights. Eager PyTorch spends most of a step on ~400 small operator calls, and
+hands each 2-row product to MKL's gemm. `compiled_step` compiles `model.step` with TorchInductor, which
+fuses the small operators, and writes the weight products one of two ways (the *strategy*):
 
-- products with at most `SMALL_ROWS` rows on the CPU become reductions (one pass over the weight matrix that
-  multiplies every row while the weights stream by), instead of calls into gemm;
-- `realize_opcount_threshold` is lowered, so an activation feeding such a product (GELU, the gated norm)
-  is computed once into a buffer rather than re-evaluated inside the reduction for every output row.
+- `reduce`: products with at most `SMALL_ROWS` rows on the CPU become reductions, one pass over the weight
+  matrix that multiplies every row while the weights stream by. On the 2-core AMD Zen 4 machines here MKL's
+  2-row gemm reads weights at ~8 GB/s (a plain read runs at ~30 GB/s), these reductions at 23-30: the
+  step takes ~6.5 ms reduced against ~19 ms with gemm at bench/generate.py's mid size;
+- `gemm`: products stay calls into the BLAS (MKL). On an Intel Xeon with AVX-512/AMX, MKL's 2-row gemm
+  reads weights at ~38 GB/s and the reductions fall behind (issue 10: 15.7 ms/token reduced), so this
+  should be the faster one there.
 
-The result matches the eager step to fp32 rounding (tested), and `bench/generate.py` measures both.
+Which is faster is a property of the machine, so by default (`auto`) the first call for a batch shape
+compiles both, times them on a copy of the caller's state, and keeps the faster; the choice is cached per
+model, batch shape and thread count. `strategy=` or the `SIMBA_DECODE_STRATEGY` environment variable
+(`auto | reduce | gemm`) forces one, for tests and for machines where the timing is known. With more than
+`SMALL_ROWS` rows (batch > 4 with CFG) both strategies are gemm, so nothing is timed.
+
+Under either strategy `realize_opcount_threshold` is lowered, so an activation feeding a product (GELU, the
+gated norm) is computed once into a buffer rather than re-evaluated inside a reduction for every output row.
+Both match the eager step to fp32 rounding (tested), and `bench/generate.py` measures them.
 Only decoders whose step has fixed shapes are compiled: attention layers grow their KV cache every token,
 which would recompile every step, so models with attention fall back to the eager step (with a warning).
 
@@ -22,24 +32,56 @@ dependency points one way, lm -> compiled -> layers.
 
 from __future__ import annotations
 
+import copy
 import functools
+import os
 import sysconfig
+import time
 import warnings
+import weakref
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from modeling.layers import DecodeState, SelfAttention
 
-# Products with this many rows or fewer (batch x 2 for CFG) are written as reductions on the CPU.
+# Products with this many rows or fewer (batch x 2 for CFG) are written as reductions under `reduce`.
 SMALL_ROWS = 8
 # Inductor's default is 30: pointwise chains cheaper than that are inlined into their consumers, which for
 # a reduction over a weight matrix means recomputing them once per output row.
 REALIZE_OPCOUNT_THRESHOLD = 8
 
+Strategy = Literal["reduce", "gemm"]
+STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
+STRATEGY_ENV = "SIMBA_DECODE_STRATEGY"
+# The auto choice: after one warm-up call each, `TIMING_ROUNDS` rounds of `TIMING_CALLS` steps per strategy,
+# interleaved; the strategy with the faster best round wins (other processes' load only ever adds time).
+TIMING_ROUNDS = 5
+TIMING_CALLS = 3
+
 StepFn = Callable[[Tensor, DecodeState], Tensor]
+
+# How often each strategy's backend ran (one graph compiled by dynamo each time): lets tests check that a step
+# really was compiled (dynamo silently runs eagerly once a code object has hit its recompile limit).
+COMPILATIONS: Counter[str] = Counter()
+
+
+@dataclass(frozen=True)
+class StrategyChoice:
+    """The weight-product strategy a compiled step uses for one batch shape, and why."""
+
+    strategy: Strategy
+    reason: str  # "timed", "forced by ...", or why nothing was timed
+    ms_per_step: dict[str, float] = field(default_factory=dict)  # best round per strategy (when timed)
+
+
+# model -> {(rows, device, dtype, threads): choice}; weak, so a dropped model takes its choices with it.
+_CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, StrategyChoice]] = weakref.WeakKeyDictionary()
 
 
 def _rows_times(a: Tensor, b: Tensor) -> Tensor:
@@ -61,25 +103,34 @@ def _addmm(bias: Tensor, a: Tensor, b: Tensor, *, beta=1, alpha=1):
     return NotImplemented
 
 
-def _decode_backend(gm: torch.fx.GraphModule, example_inputs):
+def _decode_backend(strategy: Strategy, gm: torch.fx.GraphModule, example_inputs):
     # torch._inductor internals: the public torch.compile takes no decomposition table. Imported here: inductor
     # costs seconds to import, and only compilation needs it (not eager generation, which imports this module).
     import torch._functorch.config as functorch_config
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
 
+    COMPILATIONS[strategy] += 1
     table = dict(select_decomp_table())
-    table[torch.ops.aten.mm.default] = _mm
-    table[torch.ops.aten.addmm.default] = _addmm
+    if strategy == "reduce":
+        table[torch.ops.aten.mm.default] = _mm
+        table[torch.ops.aten.addmm.default] = _addmm
     # AOTAutograd's cache keys on the graph before decomposition, blind to this table; inductor's own cache
     # (after decomposition) stays on and makes later compilations of the same graph fast.
+    # size_asserts: the wrapper re-checks every input's sizes and strides (~200 tensors) on each call, which dynamo's
+    # guards (dynamic=False) have just checked: ~0.2 ms of a ~6 ms step.
     with functorch_config.patch(enable_autograd_cache=False):
         return compile_fx(
             gm,
             example_inputs,
             decompositions=table,
-            config_patches={"realize_opcount_threshold": REALIZE_OPCOUNT_THRESHOLD},
+            config_patches={"realize_opcount_threshold": REALIZE_OPCOUNT_THRESHOLD, "size_asserts": False},
         )
+
+
+# One backend object per strategy for the life of the process: dynamo keys its compiled code on the backend,
+# so every `compiled_step` of a model reuses what an earlier one compiled.
+_BACKENDS = {strategy: functools.partial(_decode_backend, strategy) for strategy in STRATEGIES}
 
 
 def supports_compiled_step(model: nn.Module) -> bool:
@@ -102,12 +153,96 @@ def cpu_compile_problem() -> str | None:
     return None
 
 
-def compiled_step(model: nn.Module) -> StepFn:
+def _requested_strategy(strategy: str | None) -> tuple[str, str]:
+    """(strategy or "auto", where it came from): the argument, else the environment variable, else auto."""
+    source = "argument"
+    if strategy is None:
+        strategy, source = os.environ.get(STRATEGY_ENV, "").strip() or "auto", STRATEGY_ENV
+    valid = ("auto", *STRATEGIES)
+    if strategy not in valid:
+        raise ValueError(f"unknown compiled-step strategy {strategy!r} (from {source}); valid: {', '.join(valid)}")
+    return strategy, source
+
+
+class CompiledStep:
+    """`model.step` under TorchInductor with a weight-product strategy (see the module docstring).
+
+    Call it as `model.step`: `step(tokens, state) -> (B, V) logits`. `choice(rows)` says which strategy a
+    batch of `rows` rows (batch x 2 with CFG) used, and the timings behind an automatic choice.
+    """
+
+    def __init__(self, model: nn.Module, strategy: str | None = None):
+        self.model = model
+        self.requested, self._source = _requested_strategy(strategy)
+        # Dynamo keeps compiled code on TextToMusicLM.step's code object, guarded by the backend and the input
+        # shapes (parameters are graph inputs), so new wrappers, and other models of the same shapes, reuse it.
+        # dynamic=False: one graph per batch size, so the row count is static.
+        self._compiled = {s: torch.compile(model.step, backend=_BACKENDS[s], dynamic=False) for s in STRATEGIES}
+        self._forced: dict[tuple, StrategyChoice] = {}
+
+    def _key(self, tokens: Tensor) -> tuple:
+        return tokens.shape[0], tokens.device, self.model.head.weight.dtype, torch.get_num_threads()
+
+    def choice(self, rows: int, device: torch.device | str = "cpu") -> StrategyChoice | None:
+        """The strategy used for `rows` rows on `device` at the current thread count (None: not called yet)."""
+        key = (rows, torch.device(device), self.model.head.weight.dtype, torch.get_num_threads())
+        return (self._forced if self.requested != "auto" else _CHOICES.get(self.model, {})).get(key)
+
+    def __call__(self, tokens: Tensor, state: DecodeState) -> Tensor:
+        # Guards include strides: a column sliced out of a (B, T) tensor would otherwise recompile per T.
+        tokens = tokens.reshape(-1, 1).contiguous()
+        key = self._key(tokens)
+        if self.requested != "auto":
+            if key not in self._forced:
+                self._forced[key] = StrategyChoice(self.requested, f"forced by {self._source}")
+            return self._compiled[self.requested](tokens, state)
+        choices = _CHOICES.setdefault(self.model, {})
+        if key not in choices:
+            choices[key] = self._choose(tokens, state)
+        return self._compiled[choices[key].strategy](tokens, state)
+
+    def _choose(self, tokens: Tensor, state: DecodeState) -> StrategyChoice:
+        if tokens.device.type != "cpu":
+            return StrategyChoice("gemm", "not on the CPU: reductions apply to CPU products only")
+        if tokens.shape[0] > SMALL_ROWS:
+            return StrategyChoice("gemm", f"{tokens.shape[0]} rows > SMALL_ROWS={SMALL_ROWS}: gemm either way")
+        # Each strategy compiles, warms up and is timed on its own copy of the state: the caller's state is
+        # advanced only by the real call that follows.
+        trials = {}
+        for s in STRATEGIES:
+            trials[s] = copy.deepcopy(state)
+            try:
+                for _ in range(2):  # compile, then one warm-up call
+                    self._compiled[s](tokens, trials[s])
+            except Exception as err:  # an inductor failure for one strategy leaves the other
+                warnings.warn(f"compiling the decoding step with strategy {s!r} failed ({err!r})", stacklevel=3)
+                del trials[s]
+        if len(trials) < 2:
+            if not trials:
+                raise RuntimeError("the decoding step compiled with no strategy (see the warnings)")
+            return StrategyChoice(next(iter(trials)), "the other strategy failed to compile")
+        seconds: dict[str, list[float]] = {s: [] for s in trials}
+        for _ in range(TIMING_ROUNDS):
+            for s in trials:
+                t0 = time.perf_counter()
+                for _ in range(TIMING_CALLS):
+                    self._compiled[s](tokens, trials[s])
+                seconds[s].append((time.perf_counter() - t0) / TIMING_CALLS)
+        ms = {s: min(v) * 1e3 for s, v in seconds.items()}
+        return StrategyChoice(min(ms, key=ms.__getitem__), "timed", ms)
+
+
+def compiled_step(model: nn.Module, strategy: str | None = None) -> StepFn:
     """`model.step` compiled (the first call per model and batch size compiles: ~30 s on 2 cores, less cached).
 
+    Args:
+        model: a `TextToMusicLM`.
+        strategy: `auto` (time `reduce` and `gemm` on the first call per batch shape and keep the faster),
+            `reduce` or `gemm`; None reads `SIMBA_DECODE_STRATEGY`, and defaults to `auto`.
     Returns the eager `model.step` (and warns) for models with attention layers, and on a CPU that cannot
-    build kernels.
+    build kernels; otherwise a `CompiledStep`.
     """
+    _requested_strategy(strategy)  # a bad value is an error on every machine, not only where it compiles
     if not supports_compiled_step(model):
         warnings.warn(
             f"{type(model).__name__} has attention layers, whose KV cache grows every token; "
@@ -119,12 +254,4 @@ def compiled_step(model: nn.Module) -> StepFn:
     if problem:
         warnings.warn(f"cannot compile the decoding step: {problem}; decoding with the eager step", stacklevel=2)
         return model.step
-    # Dynamo keeps compiled code on TextToMusicLM.step's code object, guarded by this backend and the
-    # model, so a new wrapper per call reuses it. dynamic=False: one graph per batch size, row count static.
-    compiled = torch.compile(model.step, backend=_decode_backend, dynamic=False)
-
-    def step(tokens: Tensor, state: DecodeState) -> Tensor:
-        # Guards include strides: a column sliced out of a (B, T) tensor would otherwise recompile per T.
-        return compiled(tokens.reshape(-1, 1).contiguous(), state)
-
-    return step
+    return CompiledStep(model, strategy)

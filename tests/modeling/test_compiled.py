@@ -1,7 +1,9 @@
-"""The compiled decoding step (modeling/compiled.py) against the eager step, and its fallback for attention.
+"""The compiled decoding step (modeling/compiled.py) against the eager step and the full forward, under each
+weight-product strategy, the automatic choice between them, and the eager fallback for attention.
 
-One tiny SiMBA is compiled once for the module (4 rows: 2 captions + their unconditional twins, as CFG
-generation runs them); compiling costs tens of seconds on 2 cores.
+One tiny SiMBA is compiled once per strategy for the module (4 rows: 2 captions + their unconditional twins,
+as CFG generation runs them); compiling costs tens of seconds on 2 cores. Speed is never asserted here: which
+strategy wins is the machine's business (bench/generate.py prints it).
 """
 
 from __future__ import annotations
@@ -9,17 +11,38 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modeling.compiled import _mm, _rows_times, compiled_step, cpu_compile_problem, supports_compiled_step
+from modeling.compiled import (
+    COMPILATIONS,
+    SMALL_ROWS,
+    STRATEGIES,
+    STRATEGY_ENV,
+    CompiledStep,
+    _mm,
+    _rows_times,
+    compiled_step,
+    cpu_compile_problem,
+    supports_compiled_step,
+)
 from modeling.lm import with_null_condition
 from tests.conftest import random_text, tiny_model
 
 VOCAB = 1025
+T = 12
 needs_compiler = pytest.mark.skipif(cpu_compile_problem() is not None, reason=str(cpu_compile_problem()))
 
 
 @pytest.fixture(scope="module")
 def simba():
     return tiny_model("simba", seed=3)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Text of 2 captions of different lengths + their null twins (4 rows), and teacher-forcing tokens."""
+    text, mask = with_null_condition(*random_text([3, 6], seed=4))  # (4, S, C)
+    tokens = torch.randint(0, VOCAB - 1, (4, T), generator=torch.Generator().manual_seed(1))
+    tokens[:, 0] = VOCAB - 1
+    return tokens, text, mask
 
 
 def test_rows_times_is_a_matrix_product():
@@ -30,27 +53,81 @@ def test_rows_times_is_a_matrix_product():
 
 
 @needs_compiler
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "auto"])
 @torch.no_grad()
-def test_compiled_step_equals_eager_step(simba):
+def test_compiled_step_equals_eager_step(simba, batch, strategy):
     """Teacher-forced: the same tokens through both steps give the same logits and SSM states."""
-    text, mask = with_null_condition(*random_text([3, 6], seed=4))  # (4, S, C)
-    T = 12
-    tokens = torch.randint(0, VOCAB - 1, (4, T), generator=torch.Generator().manual_seed(1))
-    tokens[:, 0] = VOCAB - 1
+    tokens, text, mask = batch
     _, eager_state = simba.prefill(tokens[:, :1], text, mask, max_len=T)
     _, fast_state = simba.prefill(tokens[:, :1], text, mask, max_len=T)
-    step = compiled_step(simba)
+    step = compiled_step(simba, strategy)
     worst = 0.0
     for t in range(1, T):
         eager = simba.step(tokens[:, t], eager_state)
         fast = step(tokens[:, t], fast_state)
         worst = max(worst, (eager - fast).abs().max().item())
-    print(f"max |compiled - eager| logits over {T - 1} steps: {worst:.2e}")
+    used = step.choice(4).strategy
+    print(f"{strategy} ({used}): max |compiled - eager| logits over {T - 1} steps: {worst:.2e}")
+    assert COMPILATIONS[used] > 0  # it really ran compiled code (dynamo falls back to eager silently)
     assert worst < 1e-4
     for a, b in zip(eager_state.layers, fast_state.layers, strict=True):
         assert torch.allclose(a.mixer.ssm_state, b.mixer.ssm_state, atol=1e-5)
         assert torch.allclose(a.mixer.conv_state, b.mixer.conv_state, atol=1e-6)
     assert torch.equal(eager_state.next_pos, fast_state.next_pos)
+
+
+@needs_compiler
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@torch.no_grad()
+def test_compiled_steps_reproduce_the_full_forward(simba, batch, strategy):
+    """Prefill [BOS], then compiled teacher-forced steps give every position's logits of one full forward."""
+    tokens, text, mask = batch
+    full = simba(tokens, text, mask).logits  # (4, T, V)
+    logits, state = simba.prefill(tokens[:, :1], text, mask, max_len=T)
+    step = compiled_step(simba, strategy)
+    got = torch.stack([logits] + [step(tokens[:, t], state) for t in range(1, T)], dim=1)
+    worst = (got - full).abs().max().item()
+    print(f"{strategy}: max |compiled steps - full forward| {worst:.2e}")
+    assert step.choice(4).strategy == strategy
+    assert worst < 1e-4
+
+
+@needs_compiler
+@torch.no_grad()
+def test_auto_times_both_strategies_once_and_keeps_the_faster(simba, batch):
+    tokens, text, mask = batch
+    _, state = simba.prefill(tokens[:, :1], text, mask, max_len=T)
+    before = state.next_pos.clone()
+    step = compiled_step(simba, "auto")
+    step(tokens[:, 1], state)
+    choice = step.choice(4)
+    assert choice.reason == "timed" and set(choice.ms_per_step) == set(STRATEGIES)
+    assert choice.strategy == min(choice.ms_per_step, key=choice.ms_per_step.get)
+    assert torch.equal(state.next_pos, before + 1)  # the timing ran on copies: the caller's state moved once
+    # Cached with the model: a new wrapper (what every `generate(compile=True)` builds) does not time again.
+    again = compiled_step(simba, "auto")
+    again(tokens[:, 2], state)
+    assert again.choice(4) is choice
+
+
+def test_more_rows_than_small_rows_use_gemm_without_timing(simba):
+    # No state is needed: with too many rows for reductions, nothing is compiled or timed to choose.
+    step = CompiledStep(simba, "auto")
+    choice = step._choose(torch.zeros(SMALL_ROWS + 2, 1, dtype=torch.long), state=None)
+    assert choice.strategy == "gemm" and not choice.ms_per_step
+
+
+def test_strategy_from_argument_environment_or_auto(simba, monkeypatch):
+    monkeypatch.delenv(STRATEGY_ENV, raising=False)
+    assert CompiledStep(simba).requested == "auto"
+    monkeypatch.setenv(STRATEGY_ENV, "gemm")
+    assert CompiledStep(simba).requested == "gemm"
+    assert CompiledStep(simba, "reduce").requested == "reduce"  # the argument wins
+    monkeypatch.setenv(STRATEGY_ENV, "fastest")
+    with pytest.raises(ValueError, match=f"'fastest' \\(from {STRATEGY_ENV}\\); valid: auto, reduce, gemm"):
+        compiled_step(simba)
+    with pytest.raises(ValueError, match="valid: auto, reduce, gemm"):
+        compiled_step(tiny_model("transformer"), "mkl")  # rejected on models that would not compile, too
 
 
 @needs_compiler
