@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 PY := .venv/bin/python
 
-.PHONY: uv install test lint demo bench bench-train clean
+.PHONY: uv install test lint demo bench bench-train bench-eval clean
 
 uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -33,6 +33,11 @@ bench: install
 # Training-step tokens/s and MFU of both decoders (~3 minutes on 2 idle cores; bench/train_step.py --quick: ~1).
 bench-train: install
 	$(PY) bench/train_step.py
+
+# Evaluation throughput: embedder clips/s (CLAP, PaSST, VGGish) and generation frames/s of both decoders at batch
+# 1, 8 and 32 (random weights; a few minutes on 2 idle cores, most of it compiling; bench/evaluate.py --quick: less).
+bench-eval: install
+	$(PY) bench/evaluate.py
 
 clean:
 	rm -rf .venv .pytest_cache

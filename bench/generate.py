@@ -4,7 +4,8 @@ Per-token decode time is measured at two positions (~100 and ~2500 tokens alread
 with classifier-free guidance (cond + uncond = 2 rows), on a mid-size configuration of each decoder:
 
 - simba step:        one O(1) recurrent step (conv + SSM state per layer), eager PyTorch
-- simba step (comp): the same step through `modeling.compiled.compiled_step` (what `generation.compile` uses)
+- simba step (comp): the same step through `modeling.compiled.compiled_step` (what `generation.compile` uses),
+                     with the weight-product strategy it chose on this machine (`--strategy` forces one)
 - transformer cache: one KV-cache step (attention over all cached positions)
 - recompute:         one full forward over the whole sequence, eager, what the paper's public code does per token
 
@@ -13,19 +14,33 @@ one after its one-off compilation, which is reported on its own), and estimated 
 integrating measured full-forward times over sequence lengths 1..862 (trapezoid over several measured
 lengths: running it for real would take many minutes).
 
-    python bench/generate.py [--json] [--repeats 5] [--compiled-baseline]
+A decoding step of this size streams every weight and the SSM state through the CPU once, so its floor is
+set by memory bandwidth. The bench measures the machine's read bandwidth (a sum over a buffer far larger than
+any cache, with the step's thread count) and reports the bandwidth limit fraction: (weight + state bytes
+read per token) / bandwidth / measured step time, 1.0 being a step that only streams its data. The buffer comes
+from the same allocator as the weights, so both see the same page size (printed: with 4 KiB pages a stream
+pays a TLB miss per page; on the 2-core AMD VM here a plain read ran up to 2x faster on huge pages). Weights count
+every parameter the step touches (the text projection is prefill-only; the token embedding contributes the
+rows looked up); the state counts once (read); a step also writes it back, which `_rw` counts too. Bandwidth
+and step time are measured alternately in rounds, and the fraction is the median of the per-round fractions.
 
-`--compiled-baseline` also times one recompute forward at 862 tokens under default torch.compile, to show
-how much of the speed-up a compiled baseline would take back.
+    python bench/generate.py [--json] [--repeats 5] [--strategy auto|reduce|gemm] [--compiled-baseline]
 
-Targets (issue 2): simba_flatness <= 1.1, speedup_vs_recompute_862 >= 100. Ratios are measured side by
-side in one run; absolute times depend on the machine.
+`--strategy` forces the compiled step's weight-product strategy (default: `SIMBA_DECODE_STRATEGY`, else auto:
+time both and keep the faster, as generation does). `--compiled-baseline` also times one recompute forward at
+862 tokens under default torch.compile, to show how much of the speed-up a compiled baseline would take back.
+
+Targets (issues 2 and 10): simba_flatness <= 1.1, speedup_vs_recompute_862 >= 100, bandwidth_limit_fraction
+>= 0.7 (on AMD Zen 4 and on Intel Xeon alike). Ratios are measured side by side in one run; absolute times
+depend on the machine, and the load average before and after is printed (others may share it).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -35,9 +50,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.train_step import cpu_model, load_average  # noqa: E402
 from configs.schema import ModelConfig  # noqa: E402
 from modeling.builders import build_model  # noqa: E402
-from modeling.compiled import compiled_step  # noqa: E402
+from modeling.compiled import STRATEGIES, STRATEGY_ENV, compiled_step  # noqa: E402
 from modeling.lm import TextToMusicLM, with_null_condition  # noqa: E402
 
 # Mid-size: a quarter of the paper's width budget, so the recompute baseline stays measurable on 2 cores.
@@ -45,6 +61,9 @@ MID = dict(d_model=512, n_layers=12, mlp_dim=1024, n_heads=8, d_state=128, headd
 TEXT_LEN = 32
 N_FRAMES = 862
 POSITIONS = (100, 2500)
+ROWS = 2  # batch 1 + CFG
+BANDWIDTH_BUFFER_BYTES = 1 << 30  # far beyond any L3 here (32 MiB per Zen 4 CCD; Xeons up to ~100 MiB)
+TARGET_FRACTION = 0.7
 
 
 def _median_time(fn, repeats: int, warmup: int = 2) -> float:
@@ -80,13 +99,67 @@ def step_time(model: TextToMusicLM, position: int, repeats: int, step=None) -> f
 
 
 @torch.no_grad()
-def compile_time(model: TextToMusicLM) -> float:
-    """Seconds of the compiled step's first call (the compilation), on a throwaway state."""
+def compile_time(model: TextToMusicLM, step) -> float:
+    """Seconds of the compiled step's first call (compilation, and with `auto` the timing of both strategies)."""
     tokens, text, mask = _inputs(model, 4)
     _, state = model.prefill(tokens, text, mask, max_len=8)
     t0 = time.perf_counter()
-    compiled_step(model)(tokens[:, -1], state)
+    step(tokens[:, -1], state)
     return time.perf_counter() - t0
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a (nested) dataclass or list, e.g. a DecodeState."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if dataclasses.is_dataclass(obj):
+        return sum(_tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(x) for x in obj)
+    return 0
+
+
+def step_bytes(model: TextToMusicLM, rows: int) -> tuple[int, int]:
+    """(weight bytes, state bytes) one decoding step of `rows` rows reads."""
+    skip = {id(p) for p in model.text_proj.parameters()} | {id(model.token_emb.weight)}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
+    weights += rows * model.token_emb.weight[0].numel() * model.token_emb.weight.element_size()
+    return weights, _tensor_bytes(model.allocate_state(rows, 1))
+
+
+def page_setup() -> str:
+    """Transparent huge pages as the kernel and torch's allocator use them: 4 KiB pages cost a TLB miss per page
+    on a stream (more under a hypervisor), so both the step and the bandwidth depend on them."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        mode = "n/a"
+    return f"THP {mode}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
+
+
+@torch.no_grad()
+def bandwidth_rounds(model: TextToMusicLM, step, rounds: int, calls: int = 10) -> tuple[list[float], list[float]]:
+    """Read bandwidth (bytes/s) and seconds per step of `step` at ROWS rows, measured alternately `rounds` times.
+
+    Bandwidth is one `sum` over an fp32 buffer of BANDWIDTH_BUFFER_BYTES with torch's threads (a pure read
+    stream). Alternating the two lets a burst of load from another process slow both alike.
+    """
+    tokens, text, mask = _inputs(model, POSITIONS[0])
+    _, state = model.prefill(tokens, text, mask, max_len=POSITIONS[0] + rounds * calls + 8)
+    token = tokens[:, -1]
+    buffer = torch.ones(BANDWIDTH_BUFFER_BYTES // 4)
+    buffer.sum()  # first touch
+    step(token, state)
+    bandwidth, seconds = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        buffer.sum()
+        bandwidth.append(BANDWIDTH_BUFFER_BYTES / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            step(token, state)
+        seconds.append((time.perf_counter() - t0) / calls)
+    return bandwidth, seconds
 
 
 @torch.no_grad()
@@ -129,16 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the ratios")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--strategy", choices=("auto", *STRATEGIES), default=None,
+                        help=f"compiled step's weight products (default: ${STRATEGY_ENV}, else auto)")  # fmt: skip
     parser.add_argument("--compiled-baseline", action="store_true", help="also time a compiled recompute forward")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.strategy:  # generate(compile=True) below reads it too
+        os.environ[STRATEGY_ENV] = args.strategy
+    load_before = load_average()
     torch.manual_seed(0)
     simba = build_model(ModelConfig(arch="simba", **MID)).eval()
     transformer = build_model(ModelConfig(arch="transformer", **MID)).eval()
 
-    compile_s = compile_time(simba)
     fast_step = compiled_step(simba)
+    compile_s = compile_time(simba, fast_step)
+    # The eager step comes back where inductor cannot build kernels (compiled_step warned why).
+    choice = fast_step.choice(ROWS) if hasattr(fast_step, "choice") else None
+    bandwidth, bw_step_s = bandwidth_rounds(simba, fast_step, args.repeats * 2)
+    weight_bytes, state_bytes = step_bytes(simba, ROWS)
     rows = {}
     for pos in POSITIONS:
         rows[("simba step", pos)] = step_time(simba, pos, args.repeats * 4)
@@ -150,15 +232,41 @@ def main(argv: list[str] | None = None) -> int:
     gen_compiled = generate_time(simba, N_FRAMES, compile=True)
     gen_recompute = recompute_total(simba, N_FRAMES, args.repeats)
     baseline_ratio = compiled_recompute_ratio(simba, N_FRAMES, args.repeats) if args.compiled_baseline else None
+    load_after = load_average()
 
     n_params = sum(p.numel() for p in simba.parameters())
-    print(f"mid-size config: {MID}, SiMBA {n_params / 1e6:.1f}M params, batch 1 + CFG (2 rows), "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print(f"cpu: {cpu_model()}, {torch.get_num_threads()} threads; load average {load_before} before, "
+          f"{load_after} after")  # fmt: skip
+    print(f"mid-size config: {MID}, SiMBA {n_params / 1e6:.1f}M params, batch 1 + CFG ({ROWS} rows); "
+          f"pages: {page_setup()}")  # fmt: skip
     print(f"{'path':<24}{'ms/token @' + str(POSITIONS[0]):>16}{'ms/token @' + str(POSITIONS[1]):>16}{'ratio':>8}")
     for name in ("simba step", "simba step (compiled)", "transformer kv cache", "simba recompute"):
         a, b = rows[(name, POSITIONS[0])], rows[(name, POSITIONS[1])]
         print(f"{name:<24}{a * 1e3:>16.2f}{b * 1e3:>16.2f}{b / a:>8.2f}")
     print(f"compiling the SiMBA step took {compile_s:.1f} s (once per process, model and batch size)")
+    if choice is None:
+        strategy, reason, strategy_ms = "eager", "not compiled on this machine", {}
+    else:
+        strategy, reason, strategy_ms = choice.strategy, choice.reason, choice.ms_per_step
+    timed = ", ".join(f"{s} {ms:.2f}" for s, ms in strategy_ms.items())
+    print(f"compiled step strategy: {strategy} ({reason}{'; ms/step ' + timed if timed else ''})")
+    # Bandwidth limit fraction = (bytes / bandwidth) / step time, per alternated round (the machine's bandwidth
+    # drifts with other load), median over rounds; and from the best round of each (other load only ever adds
+    # time). The headline counts the state once, as read; a step also writes it back (`_rw`).
+    moved = weight_bytes + state_bytes
+    per_round = [moved / bw / t for bw, t in zip(bandwidth, bw_step_s, strict=True)]
+    fraction = statistics.median(per_round)
+    fraction_rw = fraction * (moved + state_bytes) / moved
+    fraction_best = moved / max(bandwidth) / min(bw_step_s)
+    fraction_eager = moved / statistics.median(bandwidth) / rows[("simba step", POSITIONS[0])]
+    bw = statistics.median(bandwidth)
+    print(f"bandwidth limit: weights {weight_bytes / 1e6:.1f} MB + state {state_bytes / 1e6:.1f} MB per token / "
+          f"read bandwidth {bw / 1e9:.1f} GB/s (median of {len(bandwidth)} rounds; best {max(bandwidth) / 1e9:.1f}) "
+          f"= {moved / bw * 1e3:.2f} ms/token")  # fmt: skip
+    print(f"compiled step {statistics.median(bw_step_s) * 1e3:.2f} ms (median; best {min(bw_step_s) * 1e3:.2f}): "
+          f"bandwidth_limit_fraction {fraction:.2f} (median of rounds; target >= {TARGET_FRACTION}), "
+          f"{fraction_rw:.2f} counting the state's write-back too, {fraction_best:.2f} from the best rounds; "
+          f"eager step {fraction_eager:.2f}")  # fmt: skip
     print(f"generate {N_FRAMES} frames: SiMBA compiled step {gen_compiled:.1f} s, eager step {gen_simba:.1f} s "
           f"(measured), recompute {gen_recompute:.1f} s (integrated from measured forwards)")  # fmt: skip
     if baseline_ratio is not None:
@@ -177,6 +285,22 @@ def main(argv: list[str] | None = None) -> int:
         "simba_ms_per_token": rows[("simba step (compiled)", POSITIONS[0])] * 1e3,
         "simba_ms_per_token_eager": rows[("simba step", POSITIONS[0])] * 1e3,
         "compile_s": compile_s,
+        "strategy": strategy,
+        "strategy_reason": reason,
+        "strategy_ms_per_step": strategy_ms,
+        "bandwidth_limit_fraction": fraction,
+        "bandwidth_limit_fraction_rw": fraction_rw,
+        "bandwidth_limit_fraction_best": fraction_best,
+        "bandwidth_limit_fraction_eager": fraction_eager,
+        "read_bandwidth_gbps": bw / 1e9,
+        "read_bandwidth_best_gbps": max(bandwidth) / 1e9,
+        "weight_bytes_per_token": weight_bytes,
+        "state_bytes_per_token": state_bytes,
+        "cpu_model": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "pages": page_setup(),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
         "generate_862_simba_s": gen_compiled,
         "generate_862_simba_eager_s": gen_simba,
         "generate_862_recompute_s": gen_recompute,
@@ -185,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         result["recompute_eager_over_compiled_862"] = baseline_ratio
     print(f"simba_flatness {result['simba_flatness']:.3f} (target <= 1.1), "
           f"speedup_vs_recompute_862 {result['speedup_vs_recompute_862']:.0f}x (target >= 100; "
-          f"eager step {result['speedup_vs_recompute_862_eager']:.0f}x)")  # fmt: skip
+          f"eager step {result['speedup_vs_recompute_862_eager']:.0f}x), bandwidth_limit_fraction "
+          f"{fraction:.2f} (target >= {TARGET_FRACTION})")  # fmt: skip
     if args.json:
         print(json.dumps(result))
     return 0
