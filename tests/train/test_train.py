@@ -21,8 +21,7 @@ from pipelines.train.checkpoints import load_model
 from pipelines.train.dataset import TokenSplit, collate
 from pipelines.train.driver import run_training
 from pipelines.train.optim import lr_factor, make_optimizer
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.train.drivers import REPO, driver_command, driver_env, kill9_once, rerun
 
 
 def _train_cfg(preprocessed, tmp_path: Path, *overrides: str) -> ExperimentConfig:
@@ -157,26 +156,18 @@ def test_kill9_then_restart_resumes_in_the_same_mlflow_run(preprocessed, ray_ses
     from mlflow.tracking import MlflowClient
 
     cfg = _train_cfg(preprocessed, tmp_path, *RESUME)
-    cfg_path = cfg.dump_yaml(tmp_path / "resume.yaml")
-    address = ray_session.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "ray_jobs.train", "--config", str(cfg_path), "--address", address]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    log1 = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = driver_command("ray_jobs.train", cfg.dump_yaml(tmp_path / "resume.yaml"), ray_session)
     run_dir = tmp_path / "runs" / "resume"
-    deadline = time.time() + 240
     snapshot = run_dir / "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
-    while not (snapshot.is_file() and json.loads(snapshot.read_text())["checkpoint_results"]):
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.time() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.1)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+
+    def checkpointed() -> bool:
+        return snapshot.is_file() and bool(json.loads(snapshot.read_text())["checkpoint_results"])
+
+    kill9_once(cmd, driver_env(), tmp_path / "first.log", checkpointed, "no checkpoint", timeout=240)
     saved = max(r["metrics"]["step"] for r in json.loads(snapshot.read_text())["checkpoint_results"])
     assert 10 <= saved < 60
 
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    rerun(cmd, driver_env())
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("simba-ttm").experiment_id])
     assert len(runs) == 1, "a restart must continue the same MLflow run"

@@ -14,8 +14,7 @@ import torch
 from configs import ExperimentConfig, apply_overrides, load_config
 from pipelines.train.driver import run_training
 from pipelines.train.sweep import BEST_YAML, PARENT_TAG, STOPPED_EARLY_TAG, TRIAL_TAG, ranked_table, run_sweep
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.train.drivers import REPO, driver_command, driver_env, kill9_once, rerun
 
 # Two good and two useless learning rates (grid: in this order), so that ASHA has something to stop at step 4
 # whatever order the two concurrent trials reach it in; dropout is drawn.
@@ -153,31 +152,24 @@ def _trial_states(sweep_dir: Path) -> dict[str, str]:
 def test_kill9_of_the_sweep_driver_then_resume(preprocessed, ray_session, tmp_path):
     """The driver killed with SIGKILL after its first trial finished: `--resume` keeps that trial (not rerun),
     runs the others, and the sweep ends in the same MLflow parent run."""
-    import signal
-
     from mlflow.tracking import MlflowClient
 
     cfg = _sweep_cfg(preprocessed, tmp_path, "tune.space={train.lr: [grid, 3.0e-3, 2.0e-3, 1.0e-3]}",
                      "tune.scheduler=none", "tune.max_concurrent_trials=1", "name=resumed")  # fmt: skip
-    cfg_path = cfg.dump_yaml(tmp_path / "sweep.yaml")
-    address = ray_session.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "ray_jobs.tune", "--config", str(cfg_path), "--address", address]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = driver_command("ray_jobs.tune", cfg.dump_yaml(tmp_path / "sweep.yaml"), ray_session)
+    # Tune saves its experiment state at most every 10 s by default ("auto"): these trials take a few seconds, so
+    # all three could end between two saves and there would be nothing left to resume. Save every 0.5 s.
+    env = driver_env(TUNE_GLOBAL_CHECKPOINT_S="0.5")
     sweep_dir = tmp_path / "runs" / "resumed"
-    deadline = time.time() + 300
-    while "TERMINATED" not in _trial_states(sweep_dir).values():
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.time() < deadline, "no trial finished within 300 s"
-        time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    done_before = {t for t, s in _trial_states(sweep_dir).items() if s == "TERMINATED"}
-    assert 1 <= len(done_before) < 3
 
-    second = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    def a_trial_finished() -> bool:
+        return "TERMINATED" in _trial_states(sweep_dir).values()
+
+    kill9_once(cmd, env, tmp_path / "first.log", a_trial_finished, "no trial finished", timeout=300)
+    done_before = {t for t, s in _trial_states(sweep_dir).items() if s == "TERMINATED"}
+    assert 1 <= len(done_before) < 3, _trial_states(sweep_dir)
+
+    second = rerun([*cmd, "--resume"], env)
     assert "best config:" in second.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
