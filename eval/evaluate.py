@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import soundfile as sf
 from configs.schema import EvalConfig, ExperimentConfig
 from eval.plots import spectrogram_png
 from eval.scoring import Evidence, evidence_on_ray, set_metrics
+from pipelines.files import atomic_write
 from pipelines.generation import slugify
 from pipelines.preprocess.evalset import EvalSet, read_evalset
 
@@ -138,13 +137,6 @@ def write_outputs(out_dir: Path, evalset: EvalSet, audio: np.ndarray, sample_rat
         if i < n_examples:
             examples += [clips / f"{stem}.wav", spectrogram_png(clip, sample_rate, clips / f"{stem}.png", caption)]
     return examples
-
-
-def _write_json_atomically(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def find_training_run(cfg: ExperimentConfig, uri: str) -> str | None:
@@ -289,7 +281,7 @@ def record(
         "wall_seconds": {k: round(v, 2) for k, v in seconds.items()},
         **info,
     }
-    _write_json_atomically(out_dir / METRICS_FILE, summary)
+    atomic_write(out_dir / METRICS_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     if logger is not None:
         logger.metrics(metrics, step=step)
         logger.artifact(out_dir / METRICS_FILE, f"eval/step_{step:06d}")

@@ -15,10 +15,8 @@ with pick="best" to the run's `best/model.pt` (lowest validation loss, kept besi
 
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from torch import nn
 from configs.schema import ExperimentConfig
 from modeling.builders import build_model
 from modeling.lm import TextToMusicLM
+from pipelines.files import atomic_write
 from pipelines.train.ema import EMA
 
 MODEL_FILE = "model.pt"
@@ -71,15 +70,7 @@ def save_model(
 
 def _atomic_save(payload: dict, final: Path) -> Path:
     """torch.save to a temporary file beside `final`, then rename: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return final
+    return atomic_write(final, lambda tmp: torch.save(payload, tmp))
 
 
 def _load(file: Path, mmap: bool = False) -> dict:
