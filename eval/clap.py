@@ -39,6 +39,22 @@ def _is_local(spec: str) -> bool:
     return Path(spec).expanduser().exists() or spec.startswith(("/", ".", "~")) or spec.count("/") > 1
 
 
+def clap_source(path_or_id: str | Path, setting: str = "eval.clap") -> str:
+    """What `from_pretrained` should load: a local `save_pretrained` folder or a hub id found in the local cache.
+    Raises `MissingWeightsError` naming `setting` when neither holds; loads nothing."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    spec = str(path_or_id)
+    if _is_local(spec):
+        path = Path(spec).expanduser()
+        if not (path / "config.json").is_file():
+            raise missing("CLAP weights", path, setting, HINT)
+        return str(path)
+    if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
+        raise missing(f"CLAP {spec!r} (Hugging Face cache)", constants.HF_HUB_CACHE, setting, HINT)
+    return spec
+
+
 class Clap:
     """LAION CLAP (transformers) in eval mode: audio and captions -> unit-norm embeddings in one space.
 
@@ -53,17 +69,9 @@ class Clap:
         self, path_or_id: str | Path = DEFAULT_CLAP, device: str | torch.device = "cpu", setting: str = "eval.clap"
     ):
         # here: transformers takes seconds to import; code that only passes a Clap around does not need it
-        from huggingface_hub import constants, try_to_load_from_cache
         from transformers import ClapModel, ClapProcessor
 
-        spec = str(path_or_id)
-        if _is_local(spec):
-            path = Path(spec).expanduser()
-            if not (path / "config.json").is_file():
-                raise missing("CLAP weights", path, setting, HINT)
-            spec = str(path)
-        elif not isinstance(try_to_load_from_cache(spec, "config.json"), str):
-            raise missing(f"CLAP {spec!r} (Hugging Face cache)", constants.HF_HUB_CACHE, setting, HINT)
+        spec = clap_source(path_or_id, setting)
         try:
             self.processor = ClapProcessor.from_pretrained(spec, local_files_only=True)
             self.model = ClapModel.from_pretrained(spec, local_files_only=True)

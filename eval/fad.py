@@ -61,6 +61,17 @@ def vggish_cache_path(model_id: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / VGGISH_CHECKPOINTS[model_id]
 
 
+def vggish_file(path_or_id: str | Path, setting: str = "eval.vggish") -> Path:
+    """The VGGish state dict file to load; raises `MissingWeightsError` naming `setting` when there is none."""
+    return weights_file(
+        path_or_id,
+        "VGGish weights",
+        setting,
+        "path to a torchvggish .pth state dict",
+        cached=lambda spec: vggish_cache_path(spec) if spec in VGGISH_CHECKPOINTS else None,
+    )
+
+
 class Vggish:
     """VGGish (torchvggish) as Google's FAD uses it: 128-d pre-PCA embeddings, no final ReLU, 0.5 s hop.
 
@@ -75,13 +86,7 @@ class Vggish:
     ):
         from torchvggish.torchvggish import VGG, make_layers  # here: pulls resampy / numba in (seconds)
 
-        path = weights_file(
-            path_or_id,
-            "VGGish weights",
-            setting,
-            "path to a torchvggish .pth state dict",
-            cached=lambda spec: vggish_cache_path(spec) if spec in VGGISH_CHECKPOINTS else None,
-        )
+        path = vggish_file(path_or_id, setting)
         model = VGG(make_layers(), postprocess=False)  # postprocess=True would fetch the PCA parameters
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         # Google's VGGish ends in a linear fc2; the torch port appends a ReLU. Its parameters keep their names.

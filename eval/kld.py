@@ -80,6 +80,17 @@ def passt_cache_path(model_id: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / PASST_CHECKPOINTS[model_id]
 
 
+def passt_file(path_or_id: str | Path, setting: str = "eval.passt") -> Path:
+    """The PaSST state dict file to load; raises `MissingWeightsError` naming `setting` when there is none."""
+    return weights_file(
+        path_or_id,
+        "PaSST weights",
+        setting,
+        "path to a PaSST .pt state dict",
+        cached=lambda spec: passt_cache_path(spec) if spec in PASST_CHECKPOINTS else None,
+    )
+
+
 class Passt:
     """PaSST-S audio tagger in eval mode: audio -> AudioSet label distributions per 10 s segment.
 
@@ -99,13 +110,7 @@ class Passt:
             from hear21passt.models.preprocess import AugmentMelSTFT
             from hear21passt.wrapper import PasstBasicWrapper
 
-        path = weights_file(
-            path_or_id,
-            "PaSST weights",
-            setting,
-            "path to a PaSST .pt state dict",
-            cached=lambda spec: passt_cache_path(spec) if spec in PASST_CHECKPOINTS else None,
-        )
+        path = passt_file(path_or_id, setting)
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state)  # some releases wrap the state dict, as hear21passt's filter allows
         width = state["cls_token"].shape[-1]

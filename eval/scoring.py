@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from configs.schema import EvalConfig
-from eval.clap import Clap, cosines
-from eval.fad import Vggish, fad_embedder, frechet_distance
-from eval.kld import Passt, kld
+from eval.clap import Clap, clap_source, cosines
+from eval.fad import Vggish, fad_embedder, frechet_distance, vggish_file
+from eval.kld import Passt, kld, passt_file
 
 METRIC_KEYS = ("eval/fad", "eval/kld", "eval/kld_reverse", "eval/clap")
 
@@ -46,6 +46,15 @@ class Evidence:
 
     def take(self, rows: np.ndarray) -> Evidence:
         return Evidence(self.probs[rows], self.frames[rows], None if self.clap is None else self.clap[rows])
+
+
+def check_weights(e: EvalConfig) -> None:
+    """Fail at once, naming the setting, when the CLAP, PaSST (or VGGish) weights a `ClipScorer` needs are missing.
+    Resolves the files only: the scorers load the models where they run (Ray actors, perhaps on other machines)."""
+    clap_source(e.clap, "eval.clap")
+    passt_file(e.passt, "eval.passt")
+    if e.fad_embedder == "vggish":
+        vggish_file(e.vggish, "eval.vggish")
 
 
 class ClipScorer:

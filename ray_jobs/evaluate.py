@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from eval.evaluate import CheckpointEvaluator, check_cluster, evaluate_run, format_metrics, run_checkpoints
-    from eval.scoring import ClipScorer
+    from eval.scoring import check_weights
     from pipelines.runtime import ensure_ray
     from pipelines.train.checkpoints import find_checkpoint, saved_config
     from pipelines.train.tracking import resolve_tracking_uri
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {
             k: getattr(args, k) for k in ("cfg_scale", "batch_size", "compile") if getattr(args, k) is not None
         }
-        ClipScorer(e)  # fails here, naming the setting, when CLAP / PaSST / VGGish weights are missing
+        check_weights(e)  # fails here, naming the setting, when CLAP / PaSST / VGGish weights are missing
         uri = resolve_tracking_uri(cfg) if cfg else None  # None: each checkpoint's config (and $MLFLOW_TRACKING_URI)
         evaluator = CheckpointEvaluator(e, set_dir, overrides, device, uri)
     except (ConfigError, MissingWeightsError, FileNotFoundError, ValueError) as err:

@@ -88,7 +88,7 @@ def test_evaluate_one_checkpoint_into_a_folder(trained, tmp_path):
     assert len(list((target / "clips").glob("*.wav"))) == 2 and len(list((target / "clips").glob("*.png"))) == 2
 
 
-def test_missing_parts_are_named_before_anything_runs(trained, tmp_path, capsys):
+def test_missing_parts_are_named_before_anything_runs(trained, tiny_eval, tmp_path, capsys):
     _, run_dir = trained
     ckpt = str(run_dir / EVAL_CHECKPOINT_DIR / "step_000010")
     assert evaluate.main(["--checkpoint", ckpt, "--evalset", str(tmp_path / "none")]) == 2
@@ -100,6 +100,9 @@ def test_missing_parts_are_named_before_anything_runs(trained, tmp_path, capsys)
     config = Path(__file__).resolve().parents[2] / "configs" / "debug.yaml"
     code = evaluate.main(["--checkpoint", ckpt, "--config", str(config), f"eval.clap={tmp_path / 'no_clap'}"])
     assert code == 2 and "eval.clap" in capsys.readouterr().err
+    no_passt = [f"eval.clap={tiny_eval['clap']}", f"eval.passt={tmp_path / 'no_passt.pt'}"]
+    code = evaluate.main(["--checkpoint", ckpt, "--config", str(config), *no_passt])
+    assert code == 2 and "eval.passt" in capsys.readouterr().err
 
 
 def test_the_clips_do_not_depend_on_how_generation_is_split(trained, ray_session):
