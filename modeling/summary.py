@@ -2,7 +2,8 @@
 
 Parameters and cache sizes are counted from the real modules built on the `meta` device. FLOPs and the
 training-memory figure are analytic estimates (stated as such): matmul FLOPs are 2 x weights per token,
-plus the sequence-mixing terms of the SSD scan or attention; training is 3x forward.
+plus the sequence-mixing terms of the SSD scan or attention; training is 3x forward. A weight counts for the tokens
+it is applied to: the caption-only ones (text projection, cross-attention keys/values) for the caption's tokens.
 """
 
 from __future__ import annotations
@@ -42,14 +43,38 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
-def _matmul_weights(model: TextToMusicLM) -> int:
-    """Weights that take part in a matmul per token (the embedding lookup is free; the head is not)."""
-    return sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and not n.startswith("token_emb"))
+# Modules applied to the caption's tokens only: the text projection, and cross-attention's keys and values.
+CAPTION_ONLY = ("text_proj", "cross_attn.kv_proj")
+
+
+def _caption_only(name: str) -> bool:
+    return any(name.startswith(f"{m}.") or f".{m}." in name for m in CAPTION_ONLY)
+
+
+def matmul_flops_per_sample(model: TextToMusicLM, seq_len: int, text_len: int) -> float:
+    """Matmul FLOPs (2 per weight per token it is applied to) of one sample of `seq_len` positions, `text_len` of
+    them caption tokens (a prefix in SiMBA; the cross-attention memory in the Transformer). Caption-only weights run
+    on the caption's tokens, the head on the audio positions, every other weight on all positions. The embedding
+    lookup is free."""
+    prefix = text_len if not isinstance(model, CrossTransformer) else 0  # positions that are caption, not audio
+    flops = 0.0
+    for name, p in model.named_parameters():
+        if p.ndim != 2 or name.startswith("token_emb"):
+            continue
+        if _caption_only(name):
+            tokens = text_len
+        elif name.startswith("head."):
+            tokens = seq_len - prefix
+        else:
+            tokens = seq_len
+        flops += 2.0 * p.numel() * tokens
+    return flops
 
 
 def forward_flops_per_token(cfg: ExperimentConfig, model: TextToMusicLM, seq_len: int, text_len: int) -> float:
+    """Forward FLOPs per position of a `seq_len`-position sample (SiMBA's positions include the caption prefix)."""
     m = cfg.model
-    flops = 2.0 * _matmul_weights(model)
+    flops = matmul_flops_per_sample(model, seq_len, text_len) / seq_len
     n_attn = m.n_layers if m.arch == "transformer" else len(m.attn_layers)
     n_ssm = m.n_layers - n_attn
     # Causal attention: QK^T and AV over on average half the context, 2 FLOPs per multiply-add.
