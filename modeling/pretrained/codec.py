@@ -43,7 +43,7 @@ def dac_cache_path(model_id: str) -> Path:
     return Path.home() / ".cache" / "descript" / "dac" / f"weights_{model_type}_{bitrate}_{tag}.pth"
 
 
-def load_codec(path_or_id: str | Path = "44khz", device: str | torch.device = "cpu", setting: str = "data.codec"):
+def load_codec(path_or_id: str | Path = "44khz", device: str | torch.device = "cpu", setting: str = "preprocess.codec"):
     """Load a DAC model in eval mode.
 
     Args:

@@ -37,7 +37,7 @@ class TextEncoder:
         path_or_id: str | Path = "google/flan-t5-base",
         device: str | torch.device = "cpu",
         max_length: int = 128,
-        setting: str = "data.text_encoder",
+        setting: str = "preprocess.text_encoder",
     ):
         # here: transformers takes seconds to import; code that only passes a TextEncoder around does not need it
         from huggingface_hub import constants, try_to_load_from_cache

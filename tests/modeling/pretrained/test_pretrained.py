@@ -121,7 +121,7 @@ def test_decode_codebook0(codec):
 def test_codec_default_id_resolves_from_dac_cache_only(tiny):
     cached = dac_cache_path("44khz")
     assert cached == Path(os.environ["HOME"]) / ".cache/descript/dac/weights_44khz_8kbps_0.0.1.pth"
-    with pytest.raises(MissingWeightsError, match="data.codec"):
+    with pytest.raises(MissingWeightsError, match="preprocess.codec"):
         load_codec()
     cached.parent.mkdir(parents=True)
     shutil.copy(tiny["codec"], cached)
@@ -150,7 +150,7 @@ def test_text_encoder_batch(text_encoder):
 
 
 def test_text_encoder_hub_id_resolves_from_hf_cache_only(tiny):
-    with pytest.raises(MissingWeightsError, match="data.text_encoder"):
+    with pytest.raises(MissingWeightsError, match="preprocess.text_encoder"):
         TextEncoder()
     # Lay the tiny model out as the hub cache would hold google/flan-t5-base.
     import huggingface_hub.constants
@@ -216,7 +216,7 @@ def test_separator_local_repo_and_torch_hub_cache(tiny):
     "load, setting",
     [
         (lambda p: load_codec(p, setting="preprocess.codec"), "preprocess.codec"),
-        (lambda p: TextEncoder(p), "data.text_encoder"),
+        (lambda p: TextEncoder(p), "preprocess.text_encoder"),
         (lambda p: load_separator(p), "data.separator"),
     ],
     ids=["codec", "text_encoder", "separator"],
@@ -230,8 +230,8 @@ def test_missing_local_path_names_the_setting(tmp_path, load, setting):
 
 def test_missing_hub_weights_name_the_setting():
     for load, setting in [
-        (lambda: load_codec("44khz"), "data.codec"),
-        (lambda: TextEncoder("google/flan-t5-base"), "data.text_encoder"),
+        (lambda: load_codec("44khz"), "preprocess.codec"),
+        (lambda: TextEncoder("google/flan-t5-base"), "preprocess.text_encoder"),
         (lambda: load_separator("htdemucs"), "data.separator"),
         (lambda: load_separator("hf://htdemucs_ft"), "data.separator"),
     ]:
