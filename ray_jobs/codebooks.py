@@ -19,41 +19,33 @@ import argparse
 import sys
 import time
 
-from configs import ConfigError, load_config
+from configs import ConfigError
 from modeling.pretrained.errors import MissingWeightsError
-from pipelines.paths import absolute_paths, check_job_paths, resolve_path
+from pipelines.paths import resolve_path
+from ray_jobs.common import add_config_args, fail, job_config
 
 PROG = "simba-ttm codebooks"
 PNG, CSV = "codebooks.png", "codebooks.csv"
 TINY_NOTE = "tiny random models (e.g. configs/debug.yaml): these numbers are not meaningful"
 
 
-def _fail(message: object) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr)
-    return 2
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/paper.yaml")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. eval.fad_embedder=clap")
+    add_config_args(parser, "eval.fad_embedder=clap")
     parser.add_argument("--evalset", help="eval set folder (default: eval.set_dir)")
     parser.add_argument("--limit", type=int, help="the first N captions (default: eval.limit)")
     parser.add_argument("--out", default="outputs/codebooks", help="output folder (default: %(default)s)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
-        return _fail(f"--limit must be >= 1, got {args.limit}")
+        return fail(PROG, f"--limit must be >= 1, got {args.limit}")
     try:
-        cfg = load_config(args.config, args.overrides)
-        # Inside a Ray job, relative paths would point into Ray's temporary copy of the working directory.
-        check_job_paths(cfg, () if args.evalset else ("eval.set_dir",), tracking=True,
-                        args={"--evalset": args.evalset, "--out": args.out})  # fmt: skip
-        cfg = absolute_paths(cfg)  # against $SIMBA_TTM_ROOT when set
+        outputs = {"--evalset": args.evalset, "--out": args.out}
+        cfg = job_config(args, () if args.evalset else ("eval.set_dir",), tracking=True, outputs=outputs)
         evalset_dir = resolve_path(args.evalset) if args.evalset else resolve_path(cfg.eval.set_dir)
         out = resolve_path(args.out)
     except (ConfigError, FileNotFoundError) as err:
-        return _fail(err)
+        return fail(PROG, err)
     limit = args.limit if args.limit is not None else cfg.eval.limit
 
     # Imported here: --help and a bad flag or config answer without the seconds that torch, dac and transformers take.
@@ -69,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        return _fail("--device cuda was given but no CUDA device is available")
+        return fail(PROG, "--device cuda was given but no CUDA device is available")
     e = cfg.eval
     start = time.perf_counter()
     try:
@@ -86,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=e.batch_size, progress=print,
         )  # fmt: skip
     except (MissingWeightsError, FileNotFoundError, ValueError) as err:
-        return _fail(err)
+        return fail(PROG, err)
     elapsed = time.perf_counter() - start
 
     note = f"{result.n_captions} captions, {result.n_clips} clips of {result.seconds:g} s" + (

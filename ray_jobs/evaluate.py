@@ -20,11 +20,9 @@ from pathlib import Path
 from configs import ConfigError, load_config
 from modeling.pretrained.errors import MissingWeightsError
 from pipelines.paths import absolute_paths, check_job_paths, resolve_path, resolve_path_or_id
+from ray_jobs.common import fail
 
-
-def _fail(err) -> int:
-    print(f"simba-ttm evaluate: {err}", file=sys.stderr)
-    return 2
+PROG = "simba-ttm evaluate"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], help="where generation runs (default: cuda if any)")
     args = parser.parse_args(argv)
     if args.overrides and not args.config:
-        return _fail("key=value overrides need --config (without it the checkpoint's own config is used)")
+        return fail(PROG, "key=value overrides need --config (without it the checkpoint's own config is used)")
     try:
         cfg = load_config(args.config, args.overrides) if args.config else None
         paths = {"--checkpoint": args.checkpoint, "--run": args.run, "--out": args.out, "--evalset": args.evalset}
@@ -55,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         target = resolve_path(args.checkpoint or args.run)
         cfg = absolute_paths(cfg) if cfg else None
     except (ConfigError, FileNotFoundError) as err:
-        return _fail(err)
+        return fail(PROG, err)
 
     # Imported here, after the arguments are read: --help and a bad flag answer at once.
     import torch
@@ -80,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         e = dataclasses.replace(e, **{k: resolve_path_or_id(getattr(e, k)) for k in ("clap", "passt", "vggish")})
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available():
-            return _fail("--device cuda was given but no CUDA device is available here")
+            return fail(PROG, "--device cuda was given but no CUDA device is available here")
         overrides = {
             k: getattr(args, k) for k in ("cfg_scale", "batch_size", "compile") if getattr(args, k) is not None
         }
@@ -88,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         uri = resolve_tracking_uri(cfg) if cfg else None  # None: each checkpoint's config (and $MLFLOW_TRACKING_URI)
         evaluator = CheckpointEvaluator(e, set_dir, overrides, device, uri)
     except (ConfigError, MissingWeightsError, FileNotFoundError, ValueError) as err:
-        return _fail(err)
+        return fail(PROG, err)
 
     ensure_ray()
     try:
         check_cluster(e, device)
     except ValueError as err:
-        return _fail(err)
+        return fail(PROG, err)
     n = len(evaluator.evalset)
     print(f"evaluating on {n} captions of {set_dir} ({e.seconds:g} s each, FAD on {e.fad_embedder}); on {device}")
     if args.checkpoint:

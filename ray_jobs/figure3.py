@@ -18,14 +18,10 @@ from pathlib import Path
 
 from configs import ConfigError, load_config
 from pipelines.paths import SQLITE, check_job_paths, resolve_path
+from ray_jobs.common import fail
 
 PROG = "simba-ttm figure3"
 PNG, CSV = "figure3.png", "figure3.csv"
-
-
-def _fail(message: object) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr)
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         check_job_paths(cfg, tracking=True, args={"--out": args.out})
         out = resolve_path(args.out)
     except (ConfigError, FileNotFoundError) as err:
-        return _fail(err)
+        return fail(PROG, err)
 
     # Imported here: --help and a bad flag or config answer without the seconds these imports take.
     from mlflow.tracking import MlflowClient
@@ -51,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     uri = resolve_tracking_uri(cfg)
     if uri.startswith(SQLITE) and not Path(uri.removeprefix(SQLITE)).is_file():
         # MLflow would create an empty store there and then find no runs: name the setting instead.
-        return _fail(f"no MLflow store at {uri}: set mlflow.tracking_uri in --config, or $MLFLOW_TRACKING_URI")
+        return fail(PROG, f"no MLflow store at {uri}: set mlflow.tracking_uri in --config, or $MLFLOW_TRACKING_URI")
     client = MlflowClient(tracking_uri=uri)
     try:
         runs, notes = find_runs(client, args.runs)
     except RunNotFoundError as err:
-        return _fail(err)
+        return fail(PROG, err)
     series = load_series(client, runs)
     for s in series:
         if not any(s.series[key][0] for key in EVAL_METRICS):

@@ -19,13 +19,9 @@ from pathlib import Path
 from configs import ConfigError
 from modeling.pretrained.errors import MissingWeightsError
 from pipelines.paths import check_job_paths, resolve_path, resolve_path_or_id
+from ray_jobs.common import fail
 
 PROG = "simba-ttm generate"
-
-
-def _fail(message: object) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr)
-    return 2
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -69,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         check_job_paths(args={"--checkpoint": args.checkpoint, "--out": args.out})
         checkpoint, out = resolve_path(args.checkpoint), resolve_path(args.out)  # against $SIMBA_TTM_ROOT when set
     except ConfigError as err:
-        return _fail(err)
+        return fail(PROG, err)
 
     # Imported here, after the arguments and config are read: --help and a bad flag or config answer at once,
     # without the seconds that importing torch, dac and transformers takes.
@@ -82,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        return _fail("--device cuda was given but no CUDA device is available")
+        return fail(PROG, "--device cuda was given but no CUDA device is available")
     try:
         captions = args.prompt if args.prompt else _read_prompts(args.prompts)
     except OSError as err:
-        return _fail(f"cannot read --prompts: {err}")
+        return fail(PROG, f"cannot read --prompts: {err}")
     if not captions or not all(c.strip() for c in captions):
-        return _fail("no prompts: give non-empty --prompt TEXT or a --prompts FILE with one caption per line")
+        return fail(PROG, "no prompts: give non-empty --prompt TEXT or a --prompts FILE with one caption per line")
 
     try:
         model, cfg, step = load_model(checkpoint, device=device, pick=args.pick)
@@ -116,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = generate_audio(model, captions, text_encoder=text_encoder, codec=codec, device=device, **options)
         elapsed = time.perf_counter() - start
     except (MissingWeightsError, FileNotFoundError, ConfigError, ValueError) as err:
-        return _fail(err)
+        return fail(PROG, err)
 
     samples = write_samples(samples, out)
     for s in samples:

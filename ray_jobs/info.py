@@ -11,6 +11,7 @@ import yaml
 
 from configs import ConfigError, load_config
 from modeling.summary import TYPICAL_TEXT_LEN, summarize
+from ray_jobs.common import add_config_args, fail
 
 
 def _gib(n: float) -> str:
@@ -19,8 +20,7 @@ def _gib(n: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="simba-ttm info", description=__doc__)
-    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/paper.yaml")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.arch=transformer")
+    add_config_args(parser, "model.arch=transformer")
     parser.add_argument("--text-len", type=int, default=TYPICAL_TEXT_LEN, help="caption length in T5 tokens")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the numbers")
     parser.add_argument(
@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as err:
-        print(f"simba-ttm info: {err}", file=sys.stderr)
-        return 2
+        return fail("simba-ttm info", err)
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None), end="")
         return 0

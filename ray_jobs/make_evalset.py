@@ -11,25 +11,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from configs import ConfigError, load_config
-from modeling.pretrained.errors import MissingWeightsError
-from pipelines.paths import EVALSET_PATHS, absolute_paths, check_job_paths
+from pipelines.paths import EVALSET_PATHS
+from ray_jobs.common import USAGE_ERRORS, add_config_args, fail, job_config
+
+PROG = "simba-ttm make-evalset"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="simba-ttm make-evalset", description=__doc__)
-    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/paper.yaml")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. eval.set_dir=data/evalset")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    add_config_args(parser, "eval.set_dir=data/evalset", address=True)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        # Inside a Ray job, relative paths would point into Ray's temporary copy of the working directory.
-        check_job_paths(cfg, EVALSET_PATHS)
-        cfg = absolute_paths(cfg)  # against $SIMBA_TTM_ROOT when set
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"simba-ttm make-evalset: {err}", file=sys.stderr)
-        return 2
+        cfg = job_config(args, EVALSET_PATHS)
+    except USAGE_ERRORS as err:
+        return fail(PROG, err)
 
     # Imported here, after the arguments and config are read: --help and a bad flag or config answer at once,
     # without the seconds that importing torch and Ray takes.
@@ -37,12 +32,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # the CSV, the folders and the weights are checked before Ray starts
         summary = run_make_evalset(cfg, address=args.address)
-    except (ConfigError, MissingWeightsError, FileNotFoundError) as err:
-        print(f"simba-ttm make-evalset: {err}", file=sys.stderr)
-        return 2
+    except USAGE_ERRORS as err:
+        return fail(PROG, err)
     print(summary.table())
     if not summary.written:
-        print(f"simba-ttm make-evalset: no caption was kept; {cfg.eval.set_dir} was left as it was", file=sys.stderr)
+        print(f"{PROG}: no caption was kept; {cfg.eval.set_dir} was left as it was", file=sys.stderr)
         return 1
     print(f"eval set: {summary.set_dir} ({summary.kept} captions)")
     return 0

@@ -12,25 +12,20 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from configs import ConfigError, load_config
-from modeling.pretrained.errors import MissingWeightsError
-from pipelines.paths import PREPROCESS_PATHS, absolute_paths, check_job_paths
+from pipelines.paths import PREPROCESS_PATHS
+from ray_jobs.common import USAGE_ERRORS, add_config_args, fail, job_config
+
+PROG = "simba-ttm preprocess"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="simba-ttm preprocess", description=__doc__)
-    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/paper.yaml")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. preprocess.codec_actors=2")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    add_config_args(parser, "preprocess.codec_actors=2", address=True)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        # Inside a Ray job, relative paths would point into Ray's temporary copy of the working directory.
-        check_job_paths(cfg, PREPROCESS_PATHS)
-        cfg = absolute_paths(cfg)  # against $SIMBA_TTM_ROOT when set
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"simba-ttm preprocess: {err}", file=sys.stderr)
-        return 2
+        cfg = job_config(args, PREPROCESS_PATHS)
+    except USAGE_ERRORS as err:
+        return fail(PROG, err)
 
     # Imported here, after the arguments and config are read: --help and a bad flag or config answer at once,
     # without the seconds that importing torch and Ray takes.
@@ -40,9 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ensure_ray(args.address)
     try:
         summary = run_preprocess(cfg)
-    except (ConfigError, MissingWeightsError, FileNotFoundError) as err:
-        print(f"simba-ttm preprocess: {err}", file=sys.stderr)
-        return 2
+    except USAGE_ERRORS as err:
+        return fail(PROG, err)
     print(summary.table())
     out = Path(cfg.data.tokens_dir).parent / "preprocess_summary.json"
     out.write_text(json.dumps(asdict(summary), indent=2))

@@ -9,26 +9,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from configs import ConfigError, load_config
-from modeling.pretrained.errors import MissingWeightsError
-from pipelines.paths import TRAIN_PATHS, absolute_paths, check_job_paths
+from pipelines.paths import TRAIN_PATHS
+from ray_jobs.common import USAGE_ERRORS, add_config_args, fail, job_config
+
+PROG = "simba-ttm train"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="simba-ttm train", description=__doc__)
-    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/paper.yaml")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.arch=transformer")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    add_config_args(parser, "model.arch=transformer", address=True)
     parser.add_argument("--local-mode", action="store_true", help="run the loop in this process (debugging)")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        # Inside a Ray job, relative paths would land in Ray's temporary copy of the working directory.
-        check_job_paths(cfg, TRAIN_PATHS, tracking=True)
-        cfg = absolute_paths(cfg)  # against $SIMBA_TTM_ROOT when set
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"simba-ttm train: {err}", file=sys.stderr)
-        return 2
+        cfg = job_config(args, TRAIN_PATHS, tracking=True)
+    except USAGE_ERRORS as err:
+        return fail(PROG, err)
 
     # Imported here, after the arguments and config are read: --help and a bad flag or config answer at once,
     # without the seconds that importing torch, Ray and MLflow takes.
@@ -37,15 +32,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         check_before_ray(cfg)  # data present and large enough, before Ray starts
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"simba-ttm train: {err}", file=sys.stderr)
-        return 2
+    except USAGE_ERRORS as err:
+        return fail(PROG, err)
     ensure_ray(args.address)
     try:
         out = run_training(cfg, local_mode=args.local_mode)
-    except (ConfigError, MissingWeightsError) as err:
-        print(f"simba-ttm train: {err}", file=sys.stderr)
-        return 2
+    except USAGE_ERRORS as err:
+        return fail(PROG, err)
     checkpoint = out.result.checkpoint.path if out.result.checkpoint else "none"
     print(f"finished: MLflow run {out.run_id}")
     print(f"latest checkpoint: {checkpoint}")

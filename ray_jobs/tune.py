@@ -11,25 +11,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from configs import ConfigError, load_config
-from modeling.pretrained.errors import MissingWeightsError
-from pipelines.paths import TRAIN_PATHS, absolute_paths, check_job_paths
+from pipelines.paths import TRAIN_PATHS
+from ray_jobs.common import USAGE_ERRORS, add_config_args, fail, job_config
+
+PROG = "simba-ttm tune"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="simba-ttm tune", description=__doc__)
-    parser.add_argument("--config", required=True, help="experiment YAML with a tune section, e.g. configs/tune.yaml")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. tune.num_samples=8")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    add_config_args(parser, "tune.num_samples=8 (the YAML needs a tune section: configs/tune.yaml)", address=True)
     parser.add_argument("--resume", action="store_true", help="continue the sweep of this name (Tuner.restore)")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)  # the search space is checked here, before Ray
-        check_job_paths(cfg, TRAIN_PATHS, tracking=True)
-        cfg = absolute_paths(cfg)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"simba-ttm tune: {err}", file=sys.stderr)
-        return 2
+        cfg = job_config(args, TRAIN_PATHS, tracking=True)  # the search space is checked here, before Ray
+    except USAGE_ERRORS as err:
+        return fail(PROG, err)
 
     # Imported after the config is read: --help and a bad config answer at once, without importing torch and Ray.
     from pipelines.runtime import ensure_ray
@@ -37,15 +33,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         check_sweep(cfg, args.resume)  # a space, a metric the trials report, data, the sweep folder
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"simba-ttm tune: {err}", file=sys.stderr)
-        return 2
+    except USAGE_ERRORS as err:
+        return fail(PROG, err)
     ensure_ray(args.address)
     try:
         out = run_sweep(cfg, resume=args.resume)
-    except (ConfigError, MissingWeightsError) as err:
-        print(f"simba-ttm tune: {err}", file=sys.stderr)
-        return 2
+    except USAGE_ERRORS as err:
+        return fail(PROG, err)
     print()
     print(ranked_table(out.rows, cfg))
     print()
