@@ -15,7 +15,11 @@ fuses the small operators, and writes the weight products one of two ways (the *
 
 Which is faster is a property of the machine, so by default (`auto`) the first call for a batch shape
 compiles both, times them on a copy of the caller's state, and keeps the faster; the choice is cached per
-model, batch shape and thread count. `strategy=` or the `SIMBA_DECODE_STRATEGY` environment variable
+model, batch shape and thread count, and in a small JSON file (`choice_cache_file()`: by default
+`~/.cache/simba-ttm/decode_strategy.json`, `SIMBA_DECODE_STRATEGY_CACHE=FILE` moves it, `=off` disables it)
+keyed by the CPU model, torch version, thread count, rows, dtype and the model's weight shapes, so later
+processes on the machine (every Ray generation task of an evaluation is one) compile only the winner. Delete
+the file to time again. `strategy=` or the `SIMBA_DECODE_STRATEGY` environment variable
 (`auto | reduce | gemm`) forces one, for tests and for machines where the timing is known. With more than
 `SMALL_ROWS` rows (batch > 4 with CFG) both strategies are gemm, so nothing is timed.
 
@@ -34,7 +38,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import json
 import os
+import platform
 import sysconfig
 import time
 import warnings
@@ -63,6 +70,9 @@ STRATEGY_ENV = "SIMBA_DECODE_STRATEGY"
 # interleaved; the strategy with the faster best round wins (other processes' load only ever adds time).
 TIMING_ROUNDS = 5
 TIMING_CALLS = 3
+
+# The file that keeps auto choices across processes (see the module docstring); "off" disables it.
+CHOICE_CACHE_ENV = "SIMBA_DECODE_STRATEGY_CACHE"
 
 StepFn = Callable[[Tensor, DecodeState], Tensor]
 
@@ -153,6 +163,60 @@ def cpu_compile_problem() -> str | None:
     return None
 
 
+def choice_cache_file() -> Path | None:
+    """Where auto choices are kept across processes: $SIMBA_DECODE_STRATEGY_CACHE, else
+    $XDG_CACHE_HOME/simba-ttm/decode_strategy.json (~/.cache/...); None when that variable is "off"."""
+    value = os.environ.get(CHOICE_CACHE_ENV, "").strip()
+    if value.lower() == "off":
+        return None
+    if value:
+        return Path(value).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "simba-ttm" / "decode_strategy.json"
+
+
+@functools.cache
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _machine_key(model: nn.Module, rows: int, dtype: torch.dtype) -> str:
+    """What a timed choice holds for: this CPU and torch, the thread count, the rows, and the model's weight shapes."""
+    shapes = hashlib.sha256(repr([(n, tuple(p.shape)) for n, p in model.named_parameters()]).encode()).hexdigest()
+    return f"{_cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {rows} rows | " + (
+        f"{str(dtype).removeprefix('torch.')} | weights {shapes[:16]}"
+    )
+
+
+def _read_choices(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:  # unreadable or half-written by hand: time again, and rewrite it
+        warnings.warn(f"ignoring the compiled-step strategy cache {file} ({err!r})", stacklevel=3)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember_choice(file: Path, key: str, choice: StrategyChoice) -> None:
+    """Add one timed choice to the cache file (temporary file + rename: readers never see a partial file)."""
+    try:
+        choices = _read_choices(file)
+        choices[key] = {"strategy": choice.strategy, "ms_per_step": choice.ms_per_step}
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(choices, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, file)
+    except OSError as err:  # a read-only home, say: the choice still holds for this process
+        warnings.warn(f"cannot keep the compiled-step strategy in {file} ({err!r})", stacklevel=3)
+
+
 def _requested_strategy(strategy: str | None) -> tuple[str, str]:
     """(strategy or "auto", where it came from): the argument, else the environment variable, else auto."""
     source = "argument"
@@ -206,6 +270,19 @@ class CompiledStep:
             return StrategyChoice("gemm", "not on the CPU: reductions apply to CPU products only")
         if tokens.shape[0] > SMALL_ROWS:
             return StrategyChoice("gemm", f"{tokens.shape[0]} rows > SMALL_ROWS={SMALL_ROWS}: gemm either way")
+        file = choice_cache_file()
+        key = _machine_key(self.model, tokens.shape[0], self.model.head.weight.dtype)
+        kept = _read_choices(file).get(key) if file else None
+        if isinstance(kept, dict) and kept.get("strategy") in STRATEGIES:
+            return StrategyChoice(
+                kept["strategy"], f"timed earlier on this machine ({file})", kept.get("ms_per_step", {})
+            )
+        choice = self._time_both(tokens, state)
+        if file and choice.reason == "timed":
+            _remember_choice(file, key, choice)
+        return choice
+
+    def _time_both(self, tokens: Tensor, state: DecodeState) -> StrategyChoice:
         # Each strategy compiles, warms up and is timed on its own copy of the state: the caller's state is
         # advanced only by the real call that follows.
         trials = {}

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The compiled step's auto choice is kept in a file across processes: tests start from none, and leave $HOME alone.
+os.environ["SIMBA_DECODE_STRATEGY_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="simba-strategy-"), "choices.json")
 
 from configs.schema import ModelConfig  # noqa: E402
 from modeling.builders import build_model  # noqa: E402

@@ -12,13 +12,18 @@ import pytest
 import torch
 
 from modeling.compiled import (
+    CHOICE_CACHE_ENV,
     COMPILATIONS,
     SMALL_ROWS,
     STRATEGIES,
     STRATEGY_ENV,
     CompiledStep,
+    StrategyChoice,
     _mm,
+    _read_choices,
+    _remember_choice,
     _rows_times,
+    choice_cache_file,
     compiled_step,
     cpu_compile_problem,
     supports_compiled_step,
@@ -108,6 +113,32 @@ def test_auto_times_both_strategies_once_and_keeps_the_faster(simba, batch):
     again = compiled_step(simba, "auto")
     again(tokens[:, 2], state)
     assert again.choice(4) is choice
+    # And in the cache file: another process, or another model of the same shapes, takes the choice from there.
+    twin = tiny_model("simba", seed=5)
+    _, twin_state = twin.prefill(tokens[:, :1], text, mask, max_len=T)
+    other = compiled_step(twin, "auto")
+    other(tokens[:, 1], twin_state)
+    kept = other.choice(4)
+    assert kept.reason == f"timed earlier on this machine ({choice_cache_file()})"
+    assert (kept.strategy, kept.ms_per_step) == (choice.strategy, choice.ms_per_step)
+
+
+def test_the_choice_cache_file_is_configurable_and_survives_a_broken_file(simba, tmp_path, monkeypatch):
+    monkeypatch.setenv(CHOICE_CACHE_ENV, "off")
+    assert choice_cache_file() is None
+    monkeypatch.setenv(CHOICE_CACHE_ENV, str(tmp_path / "choices.json"))
+    assert choice_cache_file() == tmp_path / "choices.json"
+    monkeypatch.delenv(CHOICE_CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert choice_cache_file() == tmp_path / "xdg" / "simba-ttm" / "decode_strategy.json"
+
+    file = tmp_path / "choices.json"
+    file.write_text("{not json")
+    with pytest.warns(UserWarning, match="ignoring the compiled-step strategy cache"):
+        assert _read_choices(file) == {}
+    _remember_choice(file, "k", StrategyChoice("gemm", "timed", {"gemm": 1.0, "reduce": 2.0}))
+    assert _read_choices(file) == {"k": {"strategy": "gemm", "ms_per_step": {"gemm": 1.0, "reduce": 2.0}}}
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["choices.json"]
 
 
 def test_more_rows_than_small_rows_use_gemm_without_timing(simba):
