@@ -162,6 +162,11 @@ def make_tiny_pretrained(dir: str | Path) -> dict[str, str]:
         "separator": root / "htdemucs_tiny.th",
     }
     makers = {"codec": make_tiny_codec, "text_encoder": make_tiny_text_encoder, "separator": make_tiny_separator}
+    return make_missing(paths, makers)
+
+
+def make_missing(paths: dict[str, Path], makers: dict) -> dict[str, str]:
+    """Run makers[key](paths[key]) for each path that does not exist yet; return the paths as strings."""
     for key, path in paths.items():
         if not path.exists():
             makers[key](path)
@@ -289,7 +294,4 @@ def make_tiny_captioners(dir: str | Path) -> dict[str, str]:
     root = Path(dir)
     paths = {"caption_audio_model": root / "qwen2_audio_tiny", "caption_text_model": root / "llama_tiny"}
     makers = {"caption_audio_model": make_tiny_audio_captioner, "caption_text_model": make_tiny_rephraser}
-    for key, path in paths.items():
-        if not path.exists():
-            makers[key](path)
-    return {key: str(path) for key, path in paths.items()}
+    return make_missing(paths, makers)

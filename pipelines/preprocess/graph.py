@@ -233,7 +233,7 @@ class CaptionRephraser(_CaptionStep):
             windows = json.loads(str(row["cand_windows"]))[i]
             cached = self.cache.get(str(row["track_id"]), start)[1]
             captions[id(row), i] = cached
-            if cached is None and windows:
+            if cached is None and windows and all(windows):  # a failed stage 1 leaves nothing to rephrase
                 todo.append((row, i, start, windows))
         if todo:
             if self.model is None:

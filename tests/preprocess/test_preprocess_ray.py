@@ -93,6 +93,19 @@ def test_token_parquet_schema_and_contents(first_run):
         assert row["clip_start"] % 30.0 == 0.0
 
 
+def test_kept_clips_carry_their_own_clip_level_caption(first_run, corpus):
+    from pipelines.preprocess.captions import FileCaptioner
+    from pipelines.preprocess.jamendo import Track
+
+    cfg, _ = first_run
+    captions = FileCaptioner(corpus.captions_path)
+    for row in read_parts(cfg.data.tokens_dir).to_pylist():
+        track = Track(row["track_id"], "", "", "", 0.0, [])
+        clip_caption = captions.clip_captions[row["track_id"]]
+        assert any(abs(start - row["clip_start"]) < 1e-3 for start, _ in clip_caption)
+        assert row["caption"] == captions(track, clip_start=row["clip_start"])
+
+
 def test_rerun_adds_nothing_and_loses_nothing(first_run):
     cfg, _ = first_run
     before_tokens = read_parts(cfg.data.tokens_dir).sort_by("track_id")
