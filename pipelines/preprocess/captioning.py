@@ -128,6 +128,17 @@ class CaptionCache:
         write_part(table, self.directory)
 
 
+def compact_cache(directory: str | Path) -> None:
+    """Merge the cache's parts into one (two actor batches write two parts; a big run leaves thousands of small
+    files that every caption actor would read at start). The merged part is written before the old ones go, so a
+    crash in between leaves duplicates, which readers merge."""
+    parts = sorted(Path(directory).glob("part-*.parquet"))
+    if len(parts) > 1:
+        write_part(read_parts(directory, schema=CACHE_SCHEMA), directory)
+        for part in parts:
+            part.unlink()
+
+
 def _torch_device(device: str):
     import torch
 

@@ -36,6 +36,7 @@ from pipelines.preprocess.captioning import (
     Rephraser,
     caption_cache_dir,
     caption_key,
+    compact_cache,
     split_windows,
 )
 from pipelines.preprocess.captions import build_captioner, resolve_local_model
@@ -443,6 +444,7 @@ def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> P
         actors = dict(separator_actors=p.separator_actors, codec_actors=p.codec_actors, text_actors=p.text_actors)
         caption_cpus = {}
         if p.captions == "model":
+            compact_cache(caption_cache_dir(cfg))
             actors.update(caption_audio_actors=p.caption_audio_actors, caption_text_actors=p.caption_text_actors)
             caption_cpus = dict.fromkeys(("caption_audio_actors", "caption_text_actors"), p.caption_cpus_per_actor)
         check_cluster(gpus, actors, caption_cpus)
