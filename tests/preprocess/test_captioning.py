@@ -154,15 +154,7 @@ def test_vocal_cue_rule_applies_to_the_rephrased_caption(tiny_captioners, tmp_pa
         assert out["status"][0] == OK and out["clip_start"][0] == 6.0 and out["caption"][0] == second
 
 
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory):
-    """Three 30 s tracks: a good one, a vocal one and a held-out one (the model run costs per track)."""
-    from pipelines.preprocess.corpus.writer import make_corpus
-
-    return make_corpus(tmp_path_factory.mktemp("corpus"), 3, seed=1, min_seconds=30, max_seconds=31, progress=False)
-
-
-def test_pipeline_captions_by_model_on_ray(small_corpus, tiny_pretrained, tiny_captioners, tmp_path, ray_session):
+def test_pipeline_captions_by_model_on_ray(corpus, tiny_pretrained, tiny_captioners, tmp_path, ray_session):
     """The whole pipeline with captions: model (two actor pools, tiny real models): every kept clip's caption is
     the rephrased one in the caption cache next to the tokens, which a rerun reads instead of the models (that
     part is checked on the actors themselves above: one Ray run costs tens of seconds here)."""
@@ -171,11 +163,11 @@ def test_pipeline_captions_by_model_on_ray(small_corpus, tiny_pretrained, tiny_c
 
     overrides = [*MODEL_KEYS, "preprocess.caption_candidates=2",
                  *(f"preprocess.{k}={v}" for k, v in tiny_captioners.items())]  # fmt: skip
-    cfg = preprocess_config(small_corpus, tiny_pretrained, tmp_path, *overrides)
+    cfg = preprocess_config(corpus, tiny_pretrained, tmp_path, *overrides)
     summary = run_preprocess(cfg)
     tokens = read_parts(cfg.data.tokens_dir).to_pylist()
     assert summary.kept == len(tokens) >= 1
-    assert summary.kept + sum(summary.rejected_tracks.values()) == len(small_corpus.tracks)
+    assert summary.kept + sum(summary.rejected_tracks.values()) == len(corpus.tracks)
     cache = CaptionCache(Path(cfg.data.tokens_dir).parent / "caption_cache", caption_key(cfg.preprocess))
     for row in tokens:
         assert row["clip_start"] % CLIP == 0.0 and row["n_frames"] == 517  # 6 s at 44.1 kHz / 512
