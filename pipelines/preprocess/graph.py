@@ -417,6 +417,11 @@ def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> P
         _check_pretrained(cfg)
     if p.captions == "file" and not Path(p.caption_file).is_file():
         raise ConfigError(f"preprocess.caption_file {p.caption_file} does not exist")
+    if p.captions == "file":  # read once here, so a malformed file stops the job before Ray starts
+        try:
+            build_captioner("file", path=p.caption_file)
+        except ValueError as e:
+            raise ConfigError(f"preprocess.caption_file: {e}") from None
     tokens_dir, rejects_dir = cfg.data.tokens_dir, p.rejects_dir
 
     tracks, rejects = read_metadata(p.metadata_tsv)

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from configs.schema import ConfigError
 from modeling.pretrained.errors import MissingWeightsError
 from pipelines.preprocess.graph import run_preprocess
 from pipelines.preprocess.tokens import REJECTS_SCHEMA, TOKENS_SCHEMA, read_parts
@@ -138,6 +139,15 @@ def test_missing_weights_fail_before_reading_data(corpus, tiny_pretrained, tmp_p
     cfg = preprocess_config(corpus, {**tiny_pretrained, "codec": str(tmp_path / "nope.pth")}, tmp_path)
     with pytest.raises(MissingWeightsError, match="preprocess.codec"):
         run_preprocess(cfg)
+    assert not (tmp_path / "rejects").exists() and not (tmp_path / "tokens").exists()
+
+
+def test_a_malformed_caption_file_stops_before_any_work(corpus, tiny_pretrained, tmp_path):
+    bad = tmp_path / "captions.tsv"
+    bad.write_text("track_id\tclip_start\tcaption\n214\t0\tone\n214\t0.0\ttwo\n")
+    cfg = preprocess_config(corpus, tiny_pretrained, tmp_path, f"preprocess.caption_file={bad}")
+    with pytest.raises(ConfigError, match="preprocess.caption_file: .*line 3: second, different caption"):
+        run_preprocess(cfg, check_pretrained=False)
     assert not (tmp_path / "rejects").exists() and not (tmp_path / "tokens").exists()
 
 
