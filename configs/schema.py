@@ -166,8 +166,19 @@ class PreprocessConfig(Section):
     max_silence_seconds: Float = 15.0  # after vocal removal, more silence than this drops the clip
     silence_threshold_db: Float = -60.0
     captions: Literal["tags", "file", "model"] = "tags"
-    caption_file: str | None = None  # CSV or JSONL keyed by track_id, for captions: file
-    caption_model: str | None = None  # hub id or local path, for captions: model
+    caption_file: str | None = None  # CSV, TSV or JSONL: track_id, caption, optional clip_start (captions: file)
+    # captions: model (two stages, each a hub id in the local cache or a local directory; greedy decoding)
+    caption_audio_model: str = "Qwen/Qwen2-Audio-7B-Instruct"  # audio -> text, one caption per window
+    caption_text_model: str = "meta-llama/Meta-Llama-3-8B-Instruct"  # rephrases a clip's window captions into one
+    caption_windows: Int = 3  # windows captioned per clip (paper: three 10 s windows of the 30 s clip)
+    caption_window_seconds: Float = 10.0
+    caption_max_new_tokens: Int = 128  # per generated caption, both stages
+    caption_batch_size: Int = 4  # windows (audio stage) or prompts (text stage) per generate call
+    caption_audio_actors: Int = 1
+    caption_text_actors: Int = 1
+    caption_cpus_per_actor: Float = 1.0  # CPUs each caption actor reserves (0: share the cores; they wait on a GPU)
+    caption_candidates: Int = 1  # clips passed on to the captioners per track; the first whose caption passes is kept
+    caption_cache_dir: str | None = None  # None: caption_cache/ next to data.tokens_dir
     vocal_words: list[str] | None = None  # None: pipelines.filters.DEFAULT_VOCAL_WORDS
     codec: str = "44khz"  # DAC weights: "44khz" (dac's own cache) or a .pth path
     text_encoder: str = "google/flan-t5-base"  # hub id (local cache only) or a local directory
@@ -186,13 +197,24 @@ class PreprocessConfig(Section):
         self._require("max_silence_seconds", self.max_silence_seconds >= 0.0, ">= 0")
         self._require("silence_threshold_db", self.silence_threshold_db < 0.0, "< 0 (dBFS)")
         self._require("text_max_length", self.text_max_length > 0, "> 0")
-        for name in ("separator_actors", "codec_actors", "text_actors", "batch_size"):
+        for name in ("separator_actors", "codec_actors", "text_actors", "batch_size", "caption_windows",
+                     "caption_max_new_tokens", "caption_batch_size", "caption_audio_actors", "caption_text_actors",
+                     "caption_candidates"):  # fmt: skip
             self._require(name, getattr(self, name) >= 1, ">= 1")
+        self._require("caption_window_seconds", self.caption_window_seconds > 0.0, "> 0")
+        self._require("caption_cpus_per_actor", self.caption_cpus_per_actor >= 0.0, ">= 0")
         self._require("gpus_per_actor", 0.0 <= self.gpus_per_actor <= 1.0, "in [0, 1]")
         if self.captions == "file" and not self.caption_file:
             raise ConfigError("preprocess.captions is 'file' but preprocess.caption_file is not set")
-        if self.captions == "model" and not self.caption_model:
-            raise ConfigError("preprocess.captions is 'model' but preprocess.caption_model is not set")
+        if self.captions == "model":
+            for name in ("caption_audio_model", "caption_text_model"):
+                self._require(name, bool(getattr(self, name)), "a hub id or a local directory with captions: model")
+            windows = self.caption_windows * self.caption_window_seconds
+            self._require(
+                "caption_windows",
+                windows <= self.clip_seconds + 1e-9,
+                f"such that caption_windows x caption_window_seconds ({windows:g} s) fits in clip_seconds",
+            )
 
 
 @section

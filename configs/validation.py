@@ -101,7 +101,17 @@ def _child_type(tp: Any, part: str | int) -> Any:
     return None
 
 
+# Keys that existed once: what to use instead (the error names it rather than guessing a close match).
+REMOVED_KEYS = {
+    "preprocess.caption_model": "model captions are two models now: set preprocess.caption_audio_model (audio -> "
+    "text, e.g. Qwen/Qwen2-Audio-7B-Instruct) and preprocess.caption_text_model (the rephraser, e.g. "
+    "meta-llama/Meta-Llama-3-8B-Instruct); see docs/preprocessing.md",
+}
+
+
 def unknown_key(key: object, names: list[str], prefix: str) -> ConfigError:
+    if join_key(prefix, key) in REMOVED_KEYS:
+        return ConfigError(f"{join_key(prefix, key)} is no longer a setting: {REMOVED_KEYS[join_key(prefix, key)]}")
     msg = f"unknown key {join_key(prefix, key)!r}; valid keys: {', '.join(sorted(names))}"
     close = difflib.get_close_matches(str(key), names, n=1)
     if close:

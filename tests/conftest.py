@@ -95,6 +95,15 @@ def tiny_pretrained(tmp_path_factory) -> dict[str, str]:
     return make_tiny_pretrained(tmp_path_factory.mktemp("pretrained"))
 
 
+@pytest.fixture(scope="session")
+def tiny_captioners(tmp_path_factory) -> dict[str, str]:
+    """Tiny random Qwen2-Audio (+ processor) and Llama (+ chat tokenizer), saved by `save_pretrained`; keyed like
+    the preprocess config (caption_audio_model, caption_text_model)."""
+    from modeling.pretrained.tiny import make_tiny_captioners
+
+    return make_tiny_captioners(tmp_path_factory.mktemp("captioners"))
+
+
 def preprocess_config(corpus, pretrained: dict[str, str], out: Path, *overrides: str):
     """The debug config pointed at a generated corpus, tiny models and an output folder."""
     from configs import load_config

@@ -2,9 +2,10 @@
 
 Tests use them, and so does the demo when the real weights are absent (no internet to fetch them):
 each is written exactly as its library writes a real checkpoint, so it goes through the same loader as
-production (`load_codec`, `TextEncoder`, `load_separator`). They keep the interfaces that matter
-downstream: DAC's 9 codebooks x 1024 at hop 512 and 44.1 kHz, HTDemucs' four sources, a T5 encoder with
-an EOS-appending tokenizer. Their outputs are random-weight noise, not music.
+production (`load_codec`, `TextEncoder`, `load_separator`, the model captioners). They keep the interfaces that
+matter downstream: DAC's 9 codebooks x 1024 at hop 512 and 44.1 kHz, HTDemucs' four sources, a T5 encoder with
+an EOS-appending tokenizer, a Qwen2-Audio with its processor and a Llama with a chat template (captions: model).
+Their outputs are random-weight noise, not music (and not sense).
 Each maker imports its own library (dac, transformers, demucs) inside: each takes seconds to import, and a
 caller that makes one model (or none, like test collection) should not pay for all three.
 """
@@ -161,7 +162,136 @@ def make_tiny_pretrained(dir: str | Path) -> dict[str, str]:
         "separator": root / "htdemucs_tiny.th",
     }
     makers = {"codec": make_tiny_codec, "text_encoder": make_tiny_text_encoder, "separator": make_tiny_separator}
+    return make_missing(paths, makers)
+
+
+def make_missing(paths: dict[str, Path], makers: dict) -> dict[str, str]:
+    """Run makers[key](paths[key]) for each path that does not exist yet; return the paths as strings."""
     for key, path in paths.items():
         if not path.exists():
             makers[key](path)
     return {key: str(path) for key, path in paths.items()}
+
+
+# Qwen2-Audio's and Llama-3's chat layouts, cut down to what the captioners send (the real models ship their own).
+QWEN2_AUDIO_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'audio' %}<|audio_bos|><|AUDIO|><|audio_eos|>\n{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def tiny_chat_tokenizer(specials: list[str], chat_template: str, *, pad: str, eos: str):
+    """A word-level tokenizer over WORDS + digits + `specials` with a chat template, as a PreTrainedTokenizerFast.
+
+    Lowercases; decodes with spaces between words. Words outside the vocabulary become <unk>, which is enough for
+    prompts: the tiny models only need the shapes and the special tokens right.
+    """
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers  # here: see the module docstring
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", *specials, *WORDS, *PUNCTUATION, *"0123456789", "system", "user", "assistant"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##")  # words joined by spaces
+    others = [s for s in specials if s not in (pad, eos)]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token=pad, eos_token=eos, additional_special_tokens=others
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def make_tiny_audio_captioner(dir: str | Path, dim: int = 16, seed: int = SEED) -> Path:
+    """A random Qwen2-Audio (one encoder and one decoder layer of width `dim`) with its processor: Whisper log-mel
+    features (128 bins, 16 kHz) and a chat template with an audio placeholder, all written by `save_pretrained`."""
+    from transformers import (  # here: see the module docstring
+        Qwen2AudioConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2AudioProcessor,
+        WhisperFeatureExtractor,
+    )
+
+    def write(target: Path) -> None:
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]
+        tokenizer = tiny_chat_tokenizer(specials, QWEN2_AUDIO_TEMPLATE, pad="<|endoftext|>", eos="<|im_end|>")
+        processor = Qwen2AudioProcessor(
+            feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000),
+            tokenizer=tokenizer,
+            chat_template=QWEN2_AUDIO_TEMPLATE,
+        )
+        config = Qwen2AudioConfig(
+            audio_config=dict(
+                model_type="qwen2_audio_encoder",
+                d_model=dim,
+                encoder_layers=1,
+                encoder_attention_heads=2,
+                encoder_ffn_dim=2 * dim,
+                num_mel_bins=128,
+            ),
+            text_config=dict(
+                model_type="qwen2",
+                vocab_size=len(tokenizer),
+                hidden_size=dim,
+                intermediate_size=2 * dim,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                max_position_embeddings=1024,
+            ),
+            audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = Qwen2AudioForConditionalGeneration(config)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(target)
+        processor.save_pretrained(target)
+
+    return _write_atomically(Path(dir), write)
+
+
+def make_tiny_rephraser(dir: str | Path, dim: int = 32, seed: int = SEED) -> Path:
+    """A random 1-layer Llama causal LM of width `dim` with a Llama-3-style chat template, via `save_pretrained`."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # here: see the module docstring
+
+    def write(target: Path) -> None:
+        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+        tokenizer = tiny_chat_tokenizer(specials, LLAMA3_TEMPLATE, pad="<|end_of_text|>", eos="<|eot_id|>")
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=dim,
+            intermediate_size=2 * dim,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|begin_of_text|>"),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+
+    return _write_atomically(Path(dir), write)
+
+
+def make_tiny_captioners(dir: str | Path) -> dict[str, str]:
+    """The two tiny caption models under `dir` (reusing any already there), keyed like the preprocess config."""
+    root = Path(dir)
+    paths = {"caption_audio_model": root / "qwen2_audio_tiny", "caption_text_model": root / "llama_tiny"}
+    makers = {"caption_audio_model": make_tiny_audio_captioner, "caption_text_model": make_tiny_rephraser}
+    return make_missing(paths, makers)

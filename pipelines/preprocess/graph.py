@@ -2,6 +2,8 @@
 
     metadata TSV (driver) -> decode + resample + 30 s clips (CPU tasks)
       -> clip selection: HTDemucs vocal removal, silence rule, caption, vocal-cue filter (actor pool)
+      [captions: model -> window captions (audio-language model) -> rephrased caption + vocal-cue filter
+       (two actor pools; see pipelines/preprocess/captioning.py)]
       -> DAC encode of the kept clip (actor pool) -> Flan-T5 caption embedding (actor pool)
       -> Parquet parts: tokens/ and rejects/ (see pipelines/preprocess/tokens.py for the schema)
 
@@ -13,6 +15,7 @@ so a rerun after a crash finishes the rest.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -27,10 +30,19 @@ from modeling.pretrained.separator import load_separator, remove_vocals
 from modeling.pretrained.text_encoder import TextEncoder
 from pipelines.paths import absolute_paths
 from pipelines.preprocess.audio import decode_track
-from pipelines.preprocess.captions import build_captioner
+from pipelines.preprocess.captioning import (
+    AudioCaptioner,
+    CaptionCache,
+    Rephraser,
+    caption_cache_dir,
+    caption_key,
+    compact_cache,
+    split_windows,
+)
+from pipelines.preprocess.captions import build_captioner, resolve_local_model
 from pipelines.preprocess.filters import DEFAULT_VOCAL_WORDS
 from pipelines.preprocess.jamendo import Reject, Track, audio_path, read_excluded_ids, read_metadata
-from pipelines.preprocess.selection import select_clip
+from pipelines.preprocess.selection import choose_captioned, select_clip
 from pipelines.preprocess.tokens import (
     REJECTS_SCHEMA,
     TOKENS_SCHEMA,
@@ -94,18 +106,18 @@ def _track(row: dict) -> Track:
 
 
 class ClipSelector:
-    """Actor: HTDemucs vocal removal + silence rule + caption + vocal-cue filter; keeps one clip per track."""
+    """Actor: HTDemucs vocal removal + silence rule + caption + vocal-cue filter; keeps one clip per track.
+
+    With `captions: model` it stops at the first preprocess.caption_candidates clips that survive separation and
+    silence and passes them on (`cand_starts`, `cand_audio`) to the caption actors, which choose among them.
+    """
 
     def __init__(self, cfg: dict, device: str = "cpu"):
         p = ExperimentConfig.from_dict(cfg).preprocess
         self.p = p
         self.device = device
         self.model = load_separator(p.separator, device=device, setting="preprocess.separator")
-        kind = p.captions
-        kwargs = {"file": {"path": p.caption_file}, "model": {"path_or_id": p.caption_model}}.get(kind, {})
-        if kind == "model":
-            kwargs.update(device=device, setting="preprocess.caption_model")
-        self.captioner = build_captioner(kind, **kwargs)
+        self.captioner = build_captioner(p.captions, **({"path": p.caption_file} if p.captions == "file" else {}))
         self.words = tuple(p.vocal_words) if p.vocal_words is not None else DEFAULT_VOCAL_WORDS
 
     def separate(self, audio: np.ndarray) -> np.ndarray:
@@ -116,6 +128,8 @@ class ClipSelector:
         out = []
         for row in _rows(batch):
             row.update(audio=np.zeros(0, np.float32), clip_start=-1.0, caption="")
+            if self.captioner is None:
+                row.update(cand_starts=np.zeros(0), cand_audio=np.zeros((0, 0), np.float32))
             clips = row.pop("clips")
             starts = row.pop("clip_starts")
             if row["status"] == OK:
@@ -130,14 +144,132 @@ class ClipSelector:
                     max_silence_seconds=self.p.max_silence_seconds,
                     threshold_db=self.p.silence_threshold_db,
                     vocal_words=self.words,
+                    candidates=self.p.caption_candidates,
                 )
                 if sel.track_reject is not None:
                     _reject_row(row, sel.track_reject, sel.clip_rejects)
+                elif sel.candidates:
+                    row["cand_starts"] = np.array([s for s, _ in sel.candidates], dtype=np.float64)
+                    row["cand_audio"] = np.stack([a for _, a in sel.candidates]).astype(np.float32)  # (k, T)
+                    row["clip_rejects"] = _clip_rejects_json(sel.clip_rejects)
                 else:
                     row.update(audio=sel.audio, clip_start=sel.clip_start, caption=sel.caption)
                     row["clip_rejects"] = _clip_rejects_json(sel.clip_rejects)
             out.append(row)
         return _batch(out)
+
+
+class _CaptionStep:
+    """What both caption actors share: the config, the cache of captions made so far, and a model that is loaded
+    only when a clip misses the cache (a rerun that finds every caption cached loads nothing)."""
+
+    def __init__(self, cfg: dict, device: str = "cpu"):
+        config = ExperimentConfig.from_dict(cfg)
+        self.p, self.device = config.preprocess, device
+        self.cache = CaptionCache(caption_cache_dir(config), caption_key(self.p))
+        self.model = None
+
+    def model_kwargs(self) -> dict:
+        p = self.p
+        return dict(device=self.device, max_new_tokens=p.caption_max_new_tokens, batch_size=p.caption_batch_size)
+
+    def candidates(self, rows: list[dict]) -> list[tuple[dict, int, float]]:
+        """(row, index, clip_start) of every candidate clip of the rows still in the running."""
+        return [(row, i, float(s)) for row in rows if row["status"] == OK for i, s in enumerate(row["cand_starts"])]
+
+
+class WindowCaptioner(_CaptionStep):
+    """Actor, stage 1 of `captions: model`: caption each window of each candidate clip (AudioCaptioner), unless the
+    cache has it. Adds `cand_windows` (JSON: per candidate, its window captions)."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows, p = _rows(batch), self.p
+        for row in rows:
+            row["cand_windows"] = [None] * len(row["cand_starts"])
+        todo = []
+        for row, i, start in self.candidates(rows):
+            windows, caption = self.cache.get(str(row["track_id"]), start)
+            row["cand_windows"][i] = windows
+            if windows is None:
+                todo.append((row, i, start))
+        if todo:
+            if self.model is None:
+                self.model = AudioCaptioner(p.caption_audio_model, **self.model_kwargs())
+            audio = [
+                w
+                for row, i, _ in todo
+                for w in split_windows(row["cand_audio"][i], p.sample_rate, p.caption_windows, p.caption_window_seconds)
+            ]
+            try:
+                texts = self.model(audio, p.sample_rate)
+            except Exception as e:  # the batch's clips get no caption and are rejected, the job goes on
+                print(f"WindowCaptioner: {type(e).__name__}: {e}", file=sys.stderr)
+                texts = [""] * len(audio)
+            new = []
+            for k, (row, i, start) in enumerate(todo):
+                windows = texts[k * p.caption_windows : (k + 1) * p.caption_windows]
+                row["cand_windows"][i] = windows
+                if all(windows):  # a failed batch is not cached: a rerun tries it again
+                    new.append((str(row["track_id"]), start, windows, None))
+            self.cache.put(new)
+        for row in rows:
+            row["cand_windows"] = json.dumps(row["cand_windows"])
+        return _batch(rows)
+
+
+class CaptionRephraser(_CaptionStep):
+    """Actor, stage 2 of `captions: model`: rephrase each candidate's window captions into one caption (Rephraser),
+    unless the cache has it; then keep the first candidate whose caption passes the vocal-cue rule (its audio,
+    start and caption become the row's) and record the others as clip rejects."""
+
+    def __init__(self, cfg: dict, device: str = "cpu"):
+        super().__init__(cfg, device)
+        p = self.p
+        self.words = tuple(p.vocal_words) if p.vocal_words is not None else DEFAULT_VOCAL_WORDS
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows, p = _rows(batch), self.p
+        todo, captions = [], {}
+        for row, i, start in self.candidates(rows):
+            windows = json.loads(str(row["cand_windows"]))[i]
+            cached = self.cache.get(str(row["track_id"]), start)[1]
+            captions[id(row), i] = cached
+            if cached is None and windows and all(windows):  # a failed stage 1 leaves nothing to rephrase
+                todo.append((row, i, start, windows))
+        if todo:
+            if self.model is None:
+                kwargs = dict(self.model_kwargs(), window_seconds=p.caption_window_seconds)
+                self.model = Rephraser(p.caption_text_model, **kwargs)
+            try:
+                texts = self.model([w for *_, w in todo])
+            except Exception as e:  # the batch's clips get no caption and are rejected, the job goes on
+                print(f"CaptionRephraser: {type(e).__name__}: {e}", file=sys.stderr)
+                texts = [""] * len(todo)
+            for (row, i, _, _), text in zip(todo, texts, strict=True):
+                captions[id(row), i] = text
+            done = [(str(row["track_id"]), s, w, t) for (row, _, s, w), t in zip(todo, texts, strict=True) if t]
+            self.cache.put(done)
+        for row in rows:
+            audio = row.pop("cand_audio")
+            starts = row.pop("cand_starts")
+            row.pop("cand_windows")
+            if row["status"] != OK:
+                continue
+            earlier = [(r["clip_start"], Reject(r["track_id"], r["stage"], r["reason"]))
+                       for r in json.loads(str(row["clip_rejects"]))]  # fmt: skip
+            sel = choose_captioned(
+                str(row["track_id"]),
+                [(float(s), captions[id(row), i]) for i, s in enumerate(starts)],
+                vocal_words=self.words,
+                earlier_rejects=earlier,
+            )
+            if sel.track_reject is not None:
+                _reject_row(row, sel.track_reject, sel.clip_rejects)
+            else:
+                kept = [float(s) for s in starts].index(sel.clip_start)
+                row.update(audio=audio[kept], clip_start=sel.clip_start, caption=sel.caption)
+                row["clip_rejects"] = _clip_rejects_json(sel.clip_rejects)
+        return _batch(rows)
 
 
 class CodecEncoder:
@@ -249,21 +381,30 @@ def _check_pretrained(cfg: ExperimentConfig) -> None:
     load_separator(p.separator, setting="preprocess.separator")
     load_codec(p.codec, setting="preprocess.codec")
     TextEncoder(p.text_encoder, setting="preprocess.text_encoder")
+    if p.captions == "model":  # found, not loaded: the caption actors load them when a clip misses the cache
+        resolve_local_model(p.caption_audio_model, "preprocess.caption_audio_model")
+        resolve_local_model(p.caption_text_model, "preprocess.caption_text_model")
 
 
-def check_cluster(gpus_per_actor: float, actors: dict[str, int]) -> None:
-    """Refuse a Ray cluster that cannot hold the model actor pools (`actors`: preprocess.<key> -> pool size)
-    with one CPU each, plus one CPU for the decode tasks, or that has no GPU when the actors ask for one."""
+def check_cluster(
+    gpus_per_actor: float, actors: dict[str, int], cpus_per_actor: dict[str, float] | None = None
+) -> None:
+    """Refuse a Ray cluster that cannot hold the model actor pools (`actors`: preprocess.<key> -> pool size) with
+    one CPU each (or `cpus_per_actor[key]`), plus one CPU for the decode tasks, or that has no GPU when the actors
+    ask for one."""
     if gpus_per_actor > 0 and ray.cluster_resources().get("GPU", 0) < gpus_per_actor:
         raise ConfigError(
             f"preprocess.gpus_per_actor={gpus_per_actor:g} but the Ray cluster has no GPU; "
             "set preprocess.gpus_per_actor=0 to run the model steps on CPUs"
         )
-    n, cpus = sum(actors.values()), ray.cluster_resources().get("CPU", 0)
+    shares = cpus_per_actor or {}
+    n = sum(count * shares.get(key, 1.0) for key, count in actors.items())
+    cpus = ray.cluster_resources().get("CPU", 0)
     if cpus < n + 1:
         raise ConfigError(
-            f"the Ray cluster has {cpus:g} CPUs; the {n} model actors (preprocess.{' + '.join(actors)}) hold one "
-            "each and decoding needs one more: lower the actor counts or give Ray more CPUs (ray start --num-cpus)"
+            f"the Ray cluster has {cpus:g} CPUs; the model actors (preprocess.{' + '.join(actors)}) hold {n:g} "
+            "and decoding needs one more: lower the actor counts (or preprocess.caption_cpus_per_actor) or give Ray "
+            "more CPUs (ray start --num-cpus)"
         )
 
 
@@ -276,6 +417,11 @@ def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> P
         _check_pretrained(cfg)
     if p.captions == "file" and not Path(p.caption_file).is_file():
         raise ConfigError(f"preprocess.caption_file {p.caption_file} does not exist")
+    if p.captions == "file":  # read once here, so a malformed file stops the job before Ray starts
+        try:
+            build_captioner("file", path=p.caption_file)
+        except ValueError as e:
+            raise ConfigError(f"preprocess.caption_file: {e}") from None
     tokens_dir, rejects_dir = cfg.data.tokens_dir, p.rejects_dir
 
     tracks, rejects = read_metadata(p.metadata_tsv)
@@ -300,9 +446,13 @@ def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> P
     if todo:
         ensure_ray()
         gpus = p.gpus_per_actor
-        check_cluster(
-            gpus, dict(separator_actors=p.separator_actors, codec_actors=p.codec_actors, text_actors=p.text_actors)
-        )
+        actors = dict(separator_actors=p.separator_actors, codec_actors=p.codec_actors, text_actors=p.text_actors)
+        caption_cpus = {}
+        if p.captions == "model":
+            compact_cache(caption_cache_dir(cfg))
+            actors.update(caption_audio_actors=p.caption_audio_actors, caption_text_actors=p.caption_text_actors)
+            caption_cpus = dict.fromkeys(("caption_audio_actors", "caption_text_actors"), p.caption_cpus_per_actor)
+        check_cluster(gpus, actors, caption_cpus)
         device = "cuda" if gpus > 0 else "cpu"
         items = [
             dict(
@@ -330,6 +480,10 @@ def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> P
             ClipSelector, compute=ray.data.ActorPoolStrategy(size=p.separator_actors), batch_size=1, **model_step
         )
         model_step["batch_size"] = p.batch_size
+        if p.captions == "model":  # after separation + silence: only surviving clips are captioned
+            for step, size in ((WindowCaptioner, p.caption_audio_actors), (CaptionRephraser, p.caption_text_actors)):
+                pool = ray.data.ActorPoolStrategy(size=size)
+                ds = ds.map_batches(step, compute=pool, num_cpus=p.caption_cpus_per_actor, **model_step)
         ds = ds.map_batches(CodecEncoder, compute=ray.data.ActorPoolStrategy(size=p.codec_actors), **model_step)
         ds = ds.map_batches(CaptionEmbedder, compute=ray.data.ActorPoolStrategy(size=p.text_actors), **model_step)
         ds = ds.map_batches(

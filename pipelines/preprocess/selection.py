@@ -3,6 +3,12 @@
 Paper section 3 filters all clips (vocal removal, silence rule, caption mentions vocals) and then picks
 one survivor at random. Visiting the clips in a seeded random order and stopping at the first survivor
 gives the same distribution, but usually separates one clip instead of all of them (DESIGN decision 6).
+
+Within a clip the cheapest rule goes first: a caption known without a model (tags, a caption file) is
+checked before separation. Model captions come after separation and silence, from actor pools of their own
+(`pipelines.preprocess.captioning`): `select_clip(captioner=None)` then stops at the first `candidates`
+clips that survive separation and silence, and `choose_captioned` keeps the first of them whose caption
+passes the vocal-cue rule.
 """
 
 from __future__ import annotations
@@ -14,12 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipelines.preprocess.audio import clip_order
-from pipelines.preprocess.captions import Captioner, FileCaptioner, TagCaptioner, caption_or_reject
+from pipelines.preprocess.captions import Captioner, caption_or_reject
 from pipelines.preprocess.filters import DEFAULT_VOCAL_WORDS, mentions_vocals, silence_reject, vocal_reject
 from pipelines.preprocess.jamendo import Reject, Track
-
-# Captioners whose caption depends on the track only: their verdict is known before any separation.
-TRACK_LEVEL_CAPTIONERS = (TagCaptioner, FileCaptioner)
 
 
 @dataclass
@@ -32,6 +35,8 @@ class Selection:
     caption: str | None = None
     clip_rejects: list[tuple[float, Reject]] = field(default_factory=list)  # (clip_start, why) dropped on the way
     track_reject: Reject | None = None  # set when no clip survived
+    # captioner=None: the clips that survived separation and silence, in the order tried, awaiting captions
+    candidates: list[tuple[float, np.ndarray]] = field(default_factory=list)
 
 
 def _no_survivor(track_id: str, rejects: list[tuple[float, Reject]]) -> Reject:
@@ -41,42 +46,68 @@ def _no_survivor(track_id: str, rejects: list[tuple[float, Reject]]) -> Reject:
     return Reject(track_id, stage, f"no clip survived ({len(rejects)} clips: {counts})")
 
 
+def _caption_verdict(
+    captioner: Captioner, track: Track, start: float, clip: np.ndarray | None, sr: int, words: tuple[str, ...]
+) -> tuple[str | None, Reject | None]:
+    """(caption, None) for a caption that passes the vocal-cue rule, else (caption or None, Reject)."""
+    caption, reject = caption_or_reject(captioner, track, start, clip, sr)
+    if reject is None:
+        reject = vocal_reject(track.track_id, start, caption, words)
+    return caption, reject
+
+
+def _track_level(
+    track: Track, captioner: Captioner, caption: str | None, reject: Reject, words: tuple[str, ...]
+) -> Reject:
+    """The track's reject when every clip has the same failing caption (e.g. tags that name a voice)."""
+    name = type(captioner).__name__
+    if reject.stage == "vocal_filter":
+        word = mentions_vocals(caption, words)
+        return Reject(track.track_id, "vocal_filter", f"caption mentions {word!r}: {caption!r}")
+    if caption is None and reject.reason.startswith(f"{name} has no caption"):
+        return Reject(track.track_id, "caption", f"{name} has no caption for this track")
+    return Reject(track.track_id, "caption", reject.reason)
+
+
 def select_clip(
     track: Track,
     clips: list[tuple[float, np.ndarray]],
     *,
     separate: Callable[[np.ndarray], np.ndarray],
-    captioner: Captioner,
+    captioner: Captioner | None,
     sample_rate: int,
     seed: int,
     max_silence_seconds: float = 15.0,
     threshold_db: float = -60.0,
     vocal_words: tuple[str, ...] = DEFAULT_VOCAL_WORDS,
+    candidates: int = 1,
 ) -> Selection:
     """Apply vocal removal, the silence rule and the caption rules to the clips in seeded order.
 
     Args:
         clips: [(start_seconds, samples (T,) float32 mono at sample_rate), ...] of one track.
         separate: mono clip -> mono clip with vocals removed (HTDemucs in production).
+        captioner: None when captions come later from models: the first `candidates` clips that survive
+            separation and silence are returned in `Selection.candidates`, uncaptioned.
     """
     out = Selection(track.track_id)
-    if isinstance(captioner, TRACK_LEVEL_CAPTIONERS):
-        # The caption is the same for every clip: check it once, before paying for separation.
-        name = type(captioner).__name__
-        try:
-            caption = (captioner(track, clips[0][1], sample_rate) or "").strip()
-        except Exception as e:  # recorded, never raised
-            out.track_reject = Reject(track.track_id, "caption", f"{name} failed: {e!r}")
+    order = clip_order(track.track_id, len(clips), seed)
+    precomputed: dict[int, tuple[str | None, Reject | None]] = {}
+    if captioner is not None and not getattr(captioner, "needs_audio", True):
+        # Captions that need no audio are checked first, clip by clip, before paying for separation.
+        precomputed = {
+            i: _caption_verdict(captioner, track, clips[i][0], None, sample_rate, vocal_words) for i in order
+        }
+        outcomes = {(c, r.stage if r else None) for c, r in precomputed.values()}
+        first = precomputed[order[0]] if order else (None, None)
+        if len(outcomes) == 1 and first[1] is not None:  # one failing caption for every clip: a track verdict
+            out.track_reject = _track_level(track, captioner, *first, vocal_words)
             return out
-        word = mentions_vocals(caption, vocal_words) if caption else None
-        if not caption:
-            out.track_reject = Reject(track.track_id, "caption", f"{name} has no caption for this track")
-        elif word is not None:
-            out.track_reject = Reject(track.track_id, "vocal_filter", f"caption mentions {word!r}: {caption!r}")
-        if out.track_reject is not None:
-            return out
-    for idx in clip_order(track.track_id, len(clips), seed):
+    for idx in order:
         start, audio = clips[idx]
+        if idx in precomputed and precomputed[idx][1] is not None:
+            out.clip_rejects.append((start, precomputed[idx][1]))
+            continue
         try:
             cleaned = np.asarray(separate(audio), dtype=np.float32)
         except Exception as e:  # one bad clip must not stop the track, nor the job
@@ -90,15 +121,50 @@ def select_clip(
             max_silence_seconds=max_silence_seconds,
             threshold_db=threshold_db,
         )
-        caption = None
-        if reject is None:
-            caption, reject = caption_or_reject(captioner, track, start, cleaned, sample_rate)
-        if reject is None:
-            reject = vocal_reject(track.track_id, start, caption, vocal_words)
+        if reject is not None:
+            out.clip_rejects.append((start, reject))
+            continue
+        if captioner is None:
+            out.candidates.append((start, cleaned))
+            if len(out.candidates) == candidates:
+                return out
+            continue
+        if idx in precomputed:
+            caption = precomputed[idx][0]
+        else:
+            caption, reject = _caption_verdict(captioner, track, start, cleaned, sample_rate, vocal_words)
         if reject is not None:
             out.clip_rejects.append((start, reject))
             continue
         out.clip_start, out.audio, out.caption = start, cleaned, caption
         return out
-    out.track_reject = _no_survivor(track.track_id, out.clip_rejects)
+    if not out.candidates:
+        out.track_reject = _no_survivor(track.track_id, out.clip_rejects)
+    return out
+
+
+def choose_captioned(
+    track_id: str,
+    candidates: list[tuple[float, str | None]],
+    *,
+    vocal_words: tuple[str, ...] = DEFAULT_VOCAL_WORDS,
+    earlier_rejects: list[tuple[float, Reject]] = (),
+) -> Selection:
+    """The first candidate (clip_start, model caption or None) whose caption exists and passes the vocal-cue rule.
+
+    `earlier_rejects`: the clips that `select_clip` dropped before these (separation, silence), kept in the
+    outcome so that a rejected track lists every clip it tried. The audio is not handled here.
+    """
+    out = Selection(track_id, clip_rejects=list(earlier_rejects))
+    for start, caption in candidates:
+        caption = (caption or "").strip()
+        if not caption:
+            reject = Reject(track_id, "caption", f"the caption model gave no text for clip at {start:g} s")
+        else:
+            reject = vocal_reject(track_id, start, caption, vocal_words)
+        if reject is None:
+            out.clip_start, out.caption = start, caption
+            return out
+        out.clip_rejects.append((start, reject))
+    out.track_reject = _no_survivor(track_id, out.clip_rejects)
     return out

@@ -105,15 +105,22 @@ def test_bad_inputs_are_bad_in_their_own_way(corpus):
 
 
 def test_captions_cover_all_but_one_and_mention_vocals_only_with_a_voice(corpus):
-    lines = corpus.captions_path.read_text(encoding="utf-8").splitlines()
-    captions = {o["track_id"]: o["caption"] for o in map(json.loads, lines)}
-    assert len(captions) == len(lines)
+    lines = [json.loads(line) for line in corpus.captions_path.read_text(encoding="utf-8").splitlines()]
+    captions = {o["track_id"]: o["caption"] for o in lines if "clip_start" not in o}  # track-level
+    clips = {(o["track_id"], o["clip_start"]): o["caption"] for o in lines if "clip_start" in o}
+    assert len(captions) + len(clips) == len(lines)
     assert set(captions) == set(corpus.ids()) - set(corpus.ids("no_caption"))
+    assert {t for t, _ in clips} == set(captions) - set(corpus.ids("short"))  # a 12 s track has no clip
     for track_id, text in captions.items():
         track = corpus.track(track_id)
         assert text == track.caption
+        starts = sorted(s for t, s in clips if t == track_id)
+        assert starts == [30.0 * i for i in range(int(track.duration // 30))]  # one per full 30 s clip
+        for start in starts:
+            assert bool(VOCAL_WORDS.search(clips[track_id, start])) == track.voice
         assert bool(VOCAL_WORDS.search(text)) == track.voice == ("instrument---voice" in track.tags)
     assert {corpus.track(t).voice for t in corpus.ids("vocals")} == {True}
+    assert any(text != captions[t] for (t, _), text in clips.items())  # worded per clip, not the track's copied
 
 
 def test_song_describer_csv_names_the_sdd_tracks(corpus):

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from configs.schema import ConfigError
 from modeling.pretrained.errors import MissingWeightsError
 from pipelines.preprocess.graph import run_preprocess
 from pipelines.preprocess.tokens import REJECTS_SCHEMA, TOKENS_SCHEMA, read_parts
@@ -93,6 +94,19 @@ def test_token_parquet_schema_and_contents(first_run):
         assert row["clip_start"] % 30.0 == 0.0
 
 
+def test_kept_clips_carry_their_own_clip_level_caption(first_run, corpus):
+    from pipelines.preprocess.captions import FileCaptioner
+    from pipelines.preprocess.jamendo import Track
+
+    cfg, _ = first_run
+    captions = FileCaptioner(corpus.captions_path)
+    for row in read_parts(cfg.data.tokens_dir).to_pylist():
+        track = Track(row["track_id"], "", "", "", 0.0, [])
+        clip_caption = captions.clip_captions[row["track_id"]]
+        assert any(abs(start - row["clip_start"]) < 1e-3 for start, _ in clip_caption)
+        assert row["caption"] == captions(track, clip_start=row["clip_start"])
+
+
 def test_rerun_adds_nothing_and_loses_nothing(first_run):
     cfg, _ = first_run
     before_tokens = read_parts(cfg.data.tokens_dir).sort_by("track_id")
@@ -125,6 +139,15 @@ def test_missing_weights_fail_before_reading_data(corpus, tiny_pretrained, tmp_p
     cfg = preprocess_config(corpus, {**tiny_pretrained, "codec": str(tmp_path / "nope.pth")}, tmp_path)
     with pytest.raises(MissingWeightsError, match="preprocess.codec"):
         run_preprocess(cfg)
+    assert not (tmp_path / "rejects").exists() and not (tmp_path / "tokens").exists()
+
+
+def test_a_malformed_caption_file_stops_before_any_work(corpus, tiny_pretrained, tmp_path):
+    bad = tmp_path / "captions.tsv"
+    bad.write_text("track_id\tclip_start\tcaption\n214\t0\tone\n214\t0.0\ttwo\n")
+    cfg = preprocess_config(corpus, tiny_pretrained, tmp_path, f"preprocess.caption_file={bad}")
+    with pytest.raises(ConfigError, match="preprocess.caption_file: .*line 3: second, different caption"):
+        run_preprocess(cfg, check_pretrained=False)
     assert not (tmp_path / "rejects").exists() and not (tmp_path / "tokens").exists()
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from pipelines.preprocess.captions import FileCaptioner, TagCaptioner
-from pipelines.preprocess.jamendo import Track
-from pipelines.preprocess.selection import select_clip
+from pipelines.preprocess.jamendo import Reject, Track
+from pipelines.preprocess.selection import choose_captioned, select_clip
 from pipelines.preprocess.tokens import (
     TOKENS_SCHEMA,
     finished_track_ids,
@@ -77,6 +77,56 @@ def test_missing_file_caption_rejects_the_track(tmp_path):
     assert sel.track_reject.stage == "caption"
     ok = _select(_track(track_id="track_0000002"), _clips("l"), captioner=FileCaptioner(path))
     assert ok.caption == "calm piano"
+
+
+def test_clip_captions_are_checked_before_separation(tmp_path):
+    """A clip whose file caption is missing or mentions vocals is dropped without separating it; the kept clip
+    carries its own clip-level caption."""
+    path = tmp_path / "captions.csv"
+    path.write_text(
+        "track_id,clip_start,caption\n1,0,A choir over organ\n1,30,Calm piano\n1,60,Fast drums\n"  # 90: none
+    )
+    separated = []
+
+    def separate(x):
+        separated.append(x)
+        return x
+
+    picks = set()
+    for seed in range(12):
+        separated.clear()
+        sel = _select(_track(), _clips("llll"), seed=seed, captioner=FileCaptioner(path), separate=separate)
+        assert sel.track_reject is None and sel.caption == {30.0: "Calm piano", 60.0: "Fast drums"}[sel.clip_start]
+        assert len(separated) == 1  # only the kept clip was separated
+        stages = {start: r.stage for start, r in sel.clip_rejects}
+        assert set(stages.items()) <= {(0.0, "vocal_filter"), (90.0, "caption")}
+        picks.add(sel.clip_start)
+    assert picks == {30.0, 60.0}
+
+
+def test_model_captions_get_the_first_surviving_candidates():
+    sel = select_clip(_track(), _clips("slsll"), separate=lambda x: x, captioner=None, sample_rate=SR, seed=0,
+                      candidates=2)  # fmt: skip
+    assert sel.track_reject is None and sel.caption is None and len(sel.candidates) == 2
+    order = [s for s, _ in sel.clip_rejects] + [s for s, _ in sel.candidates]
+    assert all(r.stage == "silence" for _, r in sel.clip_rejects)
+    assert {s for s, _ in sel.candidates} <= {30.0, 90.0, 120.0} and len(set(order)) == len(order)
+    none = select_clip(_track(), _clips("ss"), separate=lambda x: x, captioner=None, sample_rate=SR, seed=0)
+    assert none.track_reject.stage == "silence" and not none.candidates
+
+
+def test_choose_captioned_keeps_the_first_caption_without_vocal_cues():
+    earlier = [(0.0, Reject("track_0000001", "silence", "clip at 0 s ..."))]
+    sel = choose_captioned(
+        "track_0000001", [(30.0, "A female singer over piano"), (60.0, "  "), (90.0, "Calm piano")],
+        earlier_rejects=earlier,
+    )  # fmt: skip
+    assert (sel.clip_start, sel.caption) == (90.0, "Calm piano") and sel.track_reject is None
+    assert [(s, r.stage) for s, r in sel.clip_rejects] == [(0.0, "silence"), (30.0, "vocal_filter"), (60.0, "caption")]
+    out = choose_captioned("track_0000001", [(30.0, "rap over beats")], earlier_rejects=earlier)
+    assert out.track_reject.stage == "selection" and "2 clips" in out.track_reject.reason
+    out = choose_captioned("track_0000001", [(30.0, "a kazoo solo")], vocal_words=("kazoo",))
+    assert out.track_reject.stage == "vocal_filter"
 
 
 def test_separation_failure_drops_the_clip_not_the_track():

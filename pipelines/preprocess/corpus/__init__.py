@@ -8,7 +8,8 @@
                                                is_valid_subset, familiarity, artist_id, album_id, path, duration)
                                                for the `sdd` tracks: integer ids as SDD has them, `path` relative
                                                to out_dir/audio (so `simba-ttm make-evalset` reads it as it is)
-    out_dir/captions.jsonl                     {"track_id": "track_...", "caption": "..."} per line
+    out_dir/captions.jsonl                     {"track_id": "track_...", "caption": "..."} per track, then
+                                               {"track_id": ..., "clip_start": 30.0, "caption": ...} per 30 s clip
     out_dir/corpus.json                        what each track is and what the pipeline should do with it
 
 Each track is planned from a seeded RNG (genre, tempo, key, mode, instruments, moods) and rendered with

@@ -19,11 +19,19 @@ import numpy as np
 import soundfile as sf
 
 from pipelines.preprocess.corpus.synth import SR
-from pipelines.preprocess.corpus.tracks import BAD_KINDS, GOOD_KINDS, TrackSpec, plan_corpus, synthesize
+from pipelines.preprocess.corpus.tracks import (
+    BAD_KINDS,
+    GOOD_KINDS,
+    WINDOW_SECONDS,
+    TrackSpec,
+    plan_corpus,
+    synthesize,
+)
 
 TSV_NAME = "raw_30s_cleantags_50artists.tsv"
 SDD_NAME = "song_describer.csv"
 CAPTIONS_NAME = "captions.jsonl"
+CLIP_VARIANTS = 10  # caption variant of a track's first clip in captions.jsonl (then 11, 12, ...)
 MANIFEST_NAME = "corpus.json"
 AUDIO_DIR = "audio"
 TSV_HEADER = ("TRACK_ID", "ARTIST_ID", "ALBUM_ID", "PATH", "DURATION", "TAGS")
@@ -46,7 +54,7 @@ _MOOD_WORDS = {"dream": "dreamy"}
 
 def caption(spec: TrackSpec, variant: int = 0) -> str:
     """A sentence saying what was synthesized. Only tracks with a voice mention vocals; `variant` varies
-    the wording (SDD rows use variants 1 and 2, captions.jsonl variant 0)."""
+    the wording (SDD rows use variants 1 and 2, captions.jsonl variant 0 per track, CLIP_VARIANTS + i per clip i)."""
     rng = np.random.default_rng([spec.seed, variant])
     words = [_INSTRUMENT_WORDS[i] for i in spec.instruments]
     listed = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
@@ -97,11 +105,23 @@ def sdd_csv_text(specs: list[TrackSpec]) -> str:
     return buf.getvalue()
 
 
+def clip_starts(spec: TrackSpec) -> list[float]:
+    """Starts (s) of the track's full 30 s clips, as the pipeline cuts them."""
+    return [i * WINDOW_SECONDS for i in range(int(spec.seconds // WINDOW_SECONDS))]
+
+
 def captions_text(specs: list[TrackSpec]) -> str:
-    """captions.jsonl: every track of the TSV except the `no_caption` one."""
-    return "".join(
-        json.dumps({"track_id": s.track_id, "caption": caption(s)}) + "\n" for s in specs if s.kind != "no_caption"
-    )
+    """captions.jsonl: for every track of the TSV except the `no_caption` one, a track-level caption (no clip_start)
+    and one caption per full 30 s clip (the same facts, worded per clip), which wins for that clip."""
+    lines = []
+    for s in specs:
+        if s.kind == "no_caption":
+            continue
+        lines.append(json.dumps({"track_id": s.track_id, "caption": caption(s)}) + "\n")
+        for i, start in enumerate(clip_starts(s)):
+            obj = {"track_id": s.track_id, "clip_start": start, "caption": caption(s, CLIP_VARIANTS + i)}
+            lines.append(json.dumps(obj) + "\n")
+    return "".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- the manifest
