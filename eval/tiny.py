@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from modeling.pretrained.tiny import PUNCTUATION, SEED, WORDS, _write_atomically
+from modeling.pretrained.tiny import PUNCTUATION, SEED, WORDS, write_atomically
 
 
 def tiny_clap_tokenizer(max_length: int = 77):
@@ -78,7 +78,7 @@ def make_tiny_clap(dir: str | Path, dim: int = 16, seed: int = SEED) -> Path:
         # The real checkpoint's feature extractor settings: 48 kHz, 10 s, 64 mel bins, hop 480.
         ClapProcessor(feature_extractor=ClapFeatureExtractor(), tokenizer=tokenizer).save_pretrained(target)
 
-    return _write_atomically(Path(dir), write)
+    return write_atomically(Path(dir), write)
 
 
 def make_tiny_passt(path: str | Path, width: int = 64, depth: int = 2, seed: int = SEED) -> Path:
@@ -94,7 +94,7 @@ def make_tiny_passt(path: str | Path, width: int = 64, depth: int = 2, seed: int
             net = PaSST(**ARCH, embed_dim=width, depth=depth, num_heads=max(1, width // HEAD_DIM))
         torch.save(net.state_dict(), target)  # PaSST's release format: the network's state dict
 
-    return _write_atomically(Path(path), write)
+    return write_atomically(Path(path), write)
 
 
 def make_tiny_eval_models(dir: str | Path) -> dict[str, str]:

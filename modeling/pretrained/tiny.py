@@ -41,8 +41,9 @@ bpm major minor key time signature four beats per minute
 PUNCTUATION = [",", ".", "-", "!", "?", "'", ":", ";", "(", ")", "&", "/"]
 
 
-def _write_atomically(final: Path, write) -> Path:
-    """Write with `write(tmp_path)` next to `final`, then rename: concurrent makers never see half a file."""
+def write_atomically(final: Path, write) -> Path:
+    """Write a file or folder with `write(tmp_path)` next to `final`, then rename it into place: concurrent makers
+    never see half of one, and the first to finish wins (a folder cannot be replaced by a rename)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
@@ -73,7 +74,7 @@ def make_tiny_codec(path: str | Path, seed: int = SEED) -> Path:
         # package=False writes {"state_dict", "metadata": {"kwargs"}}, the layout of dac's released weights.
         model.save(str(target), package=False)
 
-    return _write_atomically(Path(path), write)
+    return write_atomically(Path(path), write)
 
 
 def tiny_tokenizer():
@@ -122,7 +123,7 @@ def make_tiny_text_encoder(dir: str | Path, dim: int = 32, seed: int = SEED) -> 
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
 
-    return _write_atomically(Path(dir), write)
+    return write_atomically(Path(dir), write)
 
 
 def make_tiny_separator(path: str | Path, seed: int = SEED) -> Path:
@@ -150,7 +151,7 @@ def make_tiny_separator(path: str | Path, seed: int = SEED) -> Path:
         args, kwargs = model._init_args_kwargs
         torch.save({"klass": HTDemucs, "args": args, "kwargs": kwargs, "state": get_state(model, None)}, target)
 
-    return _write_atomically(Path(path), write)
+    return write_atomically(Path(path), write)
 
 
 def make_tiny_pretrained(dir: str | Path) -> dict[str, str]:
@@ -258,7 +259,7 @@ def make_tiny_audio_captioner(dir: str | Path, dim: int = 16, seed: int = SEED) 
         model.save_pretrained(target)
         processor.save_pretrained(target)
 
-    return _write_atomically(Path(dir), write)
+    return write_atomically(Path(dir), write)
 
 
 def make_tiny_rephraser(dir: str | Path, dim: int = 32, seed: int = SEED) -> Path:
@@ -286,7 +287,7 @@ def make_tiny_rephraser(dir: str | Path, dim: int = 32, seed: int = SEED) -> Pat
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
 
-    return _write_atomically(Path(dir), write)
+    return write_atomically(Path(dir), write)
 
 
 def make_tiny_captioners(dir: str | Path) -> dict[str, str]:
