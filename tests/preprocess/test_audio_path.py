@@ -24,13 +24,9 @@ from pipelines.preprocess.captions import TagCaptioner
 from pipelines.preprocess.graph import OK, ClipSelector, _batch, decode_step
 from pipelines.preprocess.jamendo import Track
 from pipelines.preprocess.selection import select_clip
+from tests.preprocess.test_stages import sine
 
 SR = 44100
-
-
-def tone(freq: float, seconds: float, sr: int = SR, amp: float = 0.3) -> np.ndarray:
-    t = np.arange(int(round(seconds * sr))) / sr
-    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
 def row(path: Path, track_id: str = "track_0000042") -> dict:
@@ -39,7 +35,7 @@ def row(path: Path, track_id: str = "track_0000042") -> dict:
 
 
 def test_load_audio_keeps_channels(tmp_path: Path):
-    left, right = tone(440, 0.5), tone(660, 0.5, amp=0.1)
+    left, right = sine(440, 0.5, amp=0.3), sine(660, 0.5, amp=0.1)
     sf.write(tmp_path / "stereo.wav", np.stack([left, right], 1), SR, subtype="FLOAT")
     x, _ = load_audio(tmp_path / "stereo.wav", mono=False)
     np.testing.assert_array_equal(x, np.stack([left, right], 1))  # (T, 2), untouched
@@ -48,7 +44,7 @@ def test_load_audio_keeps_channels(tmp_path: Path):
     sf.write(tmp_path / "mono.wav", left, SR, subtype="FLOAT")
     assert load_audio(tmp_path / "mono.wav", mono=False)[0].shape == (len(left), 1)
 
-    six = np.stack([tone(110 * (i + 1), 0.5) for i in range(6)], 1)  # 5.1: layout unknown to libsndfile
+    six = np.stack([sine(110 * (i + 1), 0.5) for i in range(6)], 1)  # 5.1: layout unknown to libsndfile
     sf.write(tmp_path / "six.wav", six, SR, subtype="FLOAT")
     x, _ = load_audio(tmp_path / "six.wav", mono=False)
     np.testing.assert_allclose(x[:, 0], six.mean(1), atol=1e-7)
@@ -64,8 +60,8 @@ def test_stereo_clip_reaches_the_separator_with_both_channels(tmp_path: Path, ti
     """A 'voice' panned hard left over music in both channels: HTDemucs gets the two channels as they are,
     and clip selection hands on mono accompaniment of the clip's length."""
     seconds = 8.0
-    music = tone(110, seconds, amp=0.2) + tone(165, seconds, amp=0.1)
-    voice = tone(523, seconds, amp=0.3) * (1 + 0.3 * np.sin(2 * np.pi * 5 * np.arange(len(music)) / SR))
+    music = sine(110, seconds, amp=0.2) + sine(165, seconds, amp=0.1)
+    voice = sine(523, seconds, amp=0.3) * (1 + 0.3 * np.sin(2 * np.pi * 5 * np.arange(len(music)) / SR))
     path = tmp_path / "panned.wav"
     sf.write(path, np.stack([music + voice, music], 1), SR, subtype="FLOAT")
 
@@ -130,7 +126,7 @@ def test_selection_over_shipped_clips_matches_selection_over_all(tmp_path: Path)
     in the seeded order is silent, so selection has to decode the track again for the next one."""
     track_id, seed, seconds = "track_0000042", 3, 2.0
     order = clip_order(track_id, 4, seed)
-    x = np.stack([tone(220, 8.0), tone(330, 8.0, amp=0.1)], 1)
+    x = np.stack([sine(220, 8.0, amp=0.3), sine(330, 8.0, amp=0.1)], 1)
     first = order[0]
     x[int(first * seconds * SR) : int((first + 1) * seconds * SR)] = 0.0
     path = tmp_path / "track.wav"
