@@ -1,6 +1,6 @@
 """Preprocessing throughput: per-stage rates, a projection to the full MTG-Jamendo, and decode scaling 1 vs 2 workers.
 
-1. Rates (`--rates`, on by default). Each stage of `pipelines/preprocess/graph.py`, in this process, on the
+1. Rates (`--no-rates` skips them). Each stage of `pipelines/preprocess/graph.py`, in this process, on the
    generated corpus, reported as seconds of compute per minute of audio the stage works on:
    - decode: `decode_step` (libsndfile decode, channels kept, soxr HQ resample to 44.1 kHz, 30 s clips, the
      first clip in the seeded order shipped), CPU seconds per minute of source audio, per kind of file;
@@ -19,14 +19,15 @@
    codec and text work). Decoding runs on the CPUs; the model stages run on the GPUs only when their rates were
    measured on one (--device cuda), otherwise on the CPUs too. Ray Data streams the stages concurrently, so the
    wall time is the busier resource's work divided by its count; the serial sum is printed as an upper bound.
-3. Scaling (`--scaling`, on by default): `decode_step` over the same set of files, run
-   as Ray tasks with at most k in flight, for k = 1 and k = 2. Throughput is seconds of source audio
-decoded per second of wall time, from the first submission to the last completed task. The ratio
-throughput(k=2) / throughput(k=1) is the stage's scaling (target >= 1.7 on a 2-core machine).
+3. Scaling (`--no-scaling` skips it): `decode_step` over the same set of files, run as Ray tasks with at most
+   k in flight, for k = 1 and k = 2. Throughput is seconds of source audio decoded per second of wall time,
+   from the first submission to the last completed task. The ratio throughput(k=2) / throughput(k=1) is the
+   stage's scaling (target >= 1.7 on a 2-core machine).
 
 How:
 - The corpus is `pipelines.preprocess.corpus.writer.make_corpus(dir, N, seed=0)` (mono 44.1 kHz MP3, 60-100 s tracks),
-  plus 16-bit 48 kHz WAV copies of some tracks, so that the resampler does real work too.
+  plus 16-bit 48 kHz WAV copies of some tracks, so that the resampler does real work too, and stereo MP3
+  copies of others (a delayed copy on the right), used by the rates only.
 - One local Ray runtime, `ray.init(num_cpus=2)`, for the whole run. Each task asks for 1 CPU, and the
   driver keeps at most k tasks in flight (submitting the next file when one finishes), so k is exactly
   the number of busy workers and the work is balanced dynamically, as Ray Data's map would balance it.
