@@ -129,19 +129,21 @@ def remove_vocals(
     shifts: int = 1,
     sample_rate: int = 44100,
 ) -> np.ndarray:
-    """Separate a mono clip and sum every source but vocals (drums + bass + other for htdemucs).
+    """Separate a clip and sum every source but vocals (drums + bass + other for htdemucs), downmixed to mono.
 
     Follows demucs' own `Separator.separate_tensor` + `--two-stems vocals` ("add" method): normalise by the mix's
     mean / std, `apply_model` with 25% overlapping segments, undo the normalisation per source, then add the
-    non-vocal sources.
+    non-vocal sources. The model sees the channels as they are (HTDemucs was trained on stereo, where the
+    position of a voice in the stereo field helps to separate it); a mono clip goes in as dual mono.
 
     Args:
-        audio: (T,) mono waveform at `sample_rate`, which must be the model's.
+        audio: (T,) mono, or (T, C) with C = 1 or the model's channel count (2), at `sample_rate`, which must be
+            the model's.
         device: where the model runs (default: where its weights are); the full clip stays on the CPU.
         segment: seconds per separated chunk (default: the model's own, 7.8 s for htdemucs).
         shifts: random time shifts averaged over; 1 is demucs' default, 0 makes the result deterministic.
     Returns:
-        float32 (T,) mono accompaniment (mean of the output channels).
+        float32 (T,) mono accompaniment (the mean of the output channels).
     """
     from demucs.apply import apply_model  # here: see the module docstring
 
@@ -154,9 +156,11 @@ def remove_vocals(
     if device is None:
         device = next(model.parameters()).device
     x = torch.as_tensor(np.asarray(audio), dtype=torch.float32)
-    if x.ndim != 1:
-        raise ValueError(f"expected mono audio of shape (T,), got {tuple(x.shape)}")
-    wav = x[None].expand(model.audio_channels, -1)  # (C, T): mono duplicated to the model's channels
+    if x.ndim == 1:
+        x = x[:, None]  # (T, 1)
+    if x.ndim != 2 or x.shape[1] not in (1, model.audio_channels):
+        raise ValueError(f"expected audio of shape (T,), (T, 1) or (T, {model.audio_channels}), got {tuple(x.shape)}")
+    wav = x.T.expand(model.audio_channels, -1)  # (C, T): a mono clip duplicated to the model's channels
     ref = wav.mean(0)
     mean, std = ref.mean(), ref.std() + 1e-8
     out = apply_model(

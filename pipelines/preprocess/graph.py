@@ -1,7 +1,9 @@
 """MTG-Jamendo -> token Parquet, as a Ray Data pipeline (paper section 3).
 
-    metadata TSV (driver) -> decode + resample + 30 s clips (CPU tasks)
-      -> clip selection: HTDemucs vocal removal, silence rule, caption, vocal-cue filter (actor pool)
+    metadata TSV (driver) -> decode + resample + 30 s clips, stereo kept (CPU tasks; they ship only the clip
+      that selection tries first, see decode_step)
+      -> clip selection: HTDemucs vocal removal on the stereo clip -> mono, silence rule, caption, vocal-cue
+         filter (actor pool)
       [captions: model -> window captions (audio-language model) -> rephrased caption + vocal-cue filter
        (two actor pools; see pipelines/preprocess/captioning.py)]
       -> DAC encode of the kept clip (actor pool) -> Flan-T5 caption embedding (actor pool)
@@ -29,7 +31,7 @@ from modeling.pretrained.codec import encode_codes, load_codec
 from modeling.pretrained.separator import load_separator, remove_vocals
 from modeling.pretrained.text_encoder import TextEncoder
 from pipelines.paths import absolute_paths
-from pipelines.preprocess.audio import decode_track
+from pipelines.preprocess.audio import TrackClips, clip_order, decode_track
 from pipelines.preprocess.captioning import (
     AudioCaptioner,
     CaptionCache,
@@ -57,6 +59,7 @@ from pipelines.runtime import ensure_ray
 
 OK = "ok"
 REJECTED = "rejected"
+DECODE_MEMORY = 512 * 2**20  # bytes a decode task reserves (a scheduling hint; Ray does not enforce it)
 
 
 # --- per-row steps (plain functions and callable classes, testable without Ray) ---------------------------
@@ -71,15 +74,34 @@ def _reject_row(row: dict, reject: Reject, clip_rejects: list[tuple[float, Rejec
     return row
 
 
-def decode_step(row: dict, *, sample_rate: int, clip_seconds: float) -> dict:
-    """Decode, downmix, resample and clip one track. Adds `clips` (n, T) float32 and `clip_starts` (n,)."""
-    clips, reject = decode_track(row["track_id"], row["path"], sample_rate=sample_rate, clip_seconds=clip_seconds)
+# Per-row counts that travel with every row to the status rows write_step returns (summed in the summary):
+# the bytes of audio leaving the decode tasks and leaving clip selection, i.e. crossing the object store
+# between stages, and how many tracks clip selection had to decode again (their first clip was rejected).
+AUDIO_STATS = ("decode_bytes", "select_bytes", "selector_decodes")
+
+
+def decode_step(row: dict, *, sample_rate: int, clip_seconds: float, seed: int, ship: int = 1) -> dict:
+    """Decode (channels kept), resample and clip one track; keep only what clip selection needs first.
+
+    Adds `clip_starts` (n,) for all n clips of the track, and `clips` (k, T, C) float32 with `clip_index` (k,):
+    the first k = `ship` clips in `clip_order(track_id, n, seed)`, the order in which selection tries them.
+    Selection stops at the first clip that survives, usually the first it tries, so shipping the other clips
+    (float32, ~5 MB per mono 30 s) through the object store was mostly wasted; selection decodes the track
+    again in the rare case it needs more (`TrackClips`). `decode_bytes` is the size of what is shipped.
+    """
+    clips, reject = decode_track(
+        row["track_id"], row["path"], sample_rate=sample_rate, clip_seconds=clip_seconds, mono=False
+    )
     row.update(status=OK, stage="", reason="", clip_rejects="[]")
     if reject is not None:
-        row.update(clips=np.zeros((0, 0), np.float32), clip_starts=np.zeros(0))
+        row.update(clips=np.zeros((0, 0, 0), np.float32), clip_index=np.zeros(0, np.int64), clip_starts=np.zeros(0))
+        row.update(decode_bytes=0)
         return _reject_row(row, reject)
-    row["clips"] = np.stack([c for _, c in clips]).astype(np.float32)  # (n, T)
+    index = clip_order(str(row["track_id"]), len(clips), seed)[:ship]
+    row["clips"] = np.stack([clips[i][1] for i in index]).astype(np.float32, copy=False)  # (k, T, C)
+    row["clip_index"] = np.array(index, dtype=np.int64)
     row["clip_starts"] = np.array([s for s, _ in clips], dtype=np.float64)
+    row["decode_bytes"] = row["clips"].nbytes
     return row
 
 
@@ -121,22 +143,38 @@ class ClipSelector:
         self.words = tuple(p.vocal_words) if p.vocal_words is not None else DEFAULT_VOCAL_WORDS
 
     def separate(self, audio: np.ndarray) -> np.ndarray:
+        """(T, C) stereo or mono clip (or a clip still to decode: np.asarray decodes it) -> (T,) mono, no vocals."""
         # shifts=0: no random time shift, so a rerun separates (and so selects) exactly the same way.
+        audio = np.asarray(audio, dtype=np.float32)
         return remove_vocals(self.model, audio, device=self.device, shifts=0, sample_rate=self.p.sample_rate)
+
+    def clips(self, row: dict) -> TrackClips:
+        """The track's clips as select_clip reads them: the shipped ones, and the others decoded on demand."""
+        shipped = dict(zip(np.asarray(row["clip_index"]).tolist(), row["clips"], strict=True))
+        return TrackClips(
+            str(row["track_id"]),
+            str(row["path"]),
+            np.asarray(row["clip_starts"]).tolist(),
+            shipped,
+            sample_rate=self.p.sample_rate,
+            clip_seconds=self.p.clip_seconds,
+            mono=False,
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = []
         for row in _rows(batch):
-            row.update(audio=np.zeros(0, np.float32), clip_start=-1.0, caption="")
+            row.update(audio=np.zeros(0, np.float32), clip_start=-1.0, caption="", select_bytes=0, selector_decodes=0)
             if self.captioner is None:
                 row.update(cand_starts=np.zeros(0), cand_audio=np.zeros((0, 0), np.float32))
-            clips = row.pop("clips")
-            starts = row.pop("clip_starts")
+            clips = self.clips(row)
+            for key in ("clips", "clip_index", "clip_starts"):
+                del row[key]
             if row["status"] == OK:
                 track = _track(row)
                 sel = select_clip(
                     track,
-                    list(zip(starts.tolist(), clips, strict=True)),
+                    clips,
                     separate=self.separate,
                     captioner=self.captioner,
                     sample_rate=self.p.sample_rate,
@@ -155,6 +193,9 @@ class ClipSelector:
                 else:
                     row.update(audio=sel.audio, clip_start=sel.clip_start, caption=sel.caption)
                     row["clip_rejects"] = _clip_rejects_json(sel.clip_rejects)
+                # What leaves selection: the kept clip, or the candidates for the caption actors (captions: model).
+                moved = row["audio"].nbytes + (row["cand_audio"].nbytes if self.captioner is None else 0)
+                row.update(select_bytes=moved, selector_decodes=clips.redecodes)
             out.append(row)
         return _batch(out)
 
@@ -346,6 +387,7 @@ def write_step(batch: dict[str, np.ndarray], *, tokens_dir: str, rejects_dir: st
         "track_id": np.array([str(r["track_id"]) for r in rows]),
         "status": np.array([str(r["status"]) for r in rows]),
         "stage": np.array([str(r["stage"]) for r in rows]),
+        **{key: np.array([int(r.get(key, 0)) for r in rows], dtype=np.int64) for key in AUDIO_STATS},
     }
 
 
@@ -361,6 +403,11 @@ class PreprocessSummary:
     rejected_tracks: dict[str, int] = field(default_factory=dict)  # this run, by stage
     totals: dict[str, int] = field(default_factory=dict)  # on disk after this run
     seconds: float = 0.0
+    # Audio that crossed the object store between stages this run (the sums of AUDIO_STATS over the tracks):
+    audio_bytes_decode: int = 0  # decode tasks -> clip selection (the clips shipped for selection to try)
+    audio_bytes_select: int = 0  # clip selection -> DAC encoder (the kept clips, mono float32)
+    audio_mb_per_kept_clip: float = 0.0  # (decode + select) / kept, in MB (1e6 bytes); 0 when none was kept
+    selector_decodes: int = 0  # tracks whose first clip was rejected, so selection decoded the track again
 
     def table(self) -> str:
         lines = [
@@ -371,6 +418,11 @@ class PreprocessSummary:
         ]
         lines += [f"rejected at {stage:<12} {n}" for stage, n in sorted(self.rejected_tracks.items())]
         lines += ["on disk:"] + [f"  {k:<21} {v}" for k, v in self.totals.items()]
+        lines.append(
+            f"audio moved per kept clip {self.audio_mb_per_kept_clip:.1f} MB  (decode -> selection "
+            f"{self.audio_bytes_decode / 1e6:.1f} MB + selection -> codec {self.audio_bytes_select / 1e6:.1f} MB)"
+        )
+        lines.append(f"tracks decoded again    {self.selector_decodes}  (by selection: first clip rejected)")
         lines.append(f"wall time               {self.seconds:.1f} s")
         return "\n".join(lines)
 
@@ -465,14 +517,15 @@ def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> P
         ]
         cfg_dict = cfg.to_dict()
         ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
-        # Decode/resample/clip are plain CPU tasks. Their own retry setting also keeps Ray Data from fusing them
-        # into the separator actors (it fuses steps with equal remote args), so decoding scales with the CPUs
-        # of the cluster instead of with preprocess.separator_actors.
+        # Decode/resample/clip are plain CPU tasks. Their memory hint (a whole decoded track, stereo float32, and
+        # its resampled copy: a few hundred MB for a long one) also keeps Ray Data from fusing them into the
+        # separator actors (it fuses steps with equal remote args), so decoding scales with the CPUs of the
+        # cluster instead of with preprocess.separator_actors.
         ds = ds.map(
             decode_step,
-            fn_kwargs=dict(sample_rate=p.sample_rate, clip_seconds=p.clip_seconds),
+            fn_kwargs=dict(sample_rate=p.sample_rate, clip_seconds=p.clip_seconds, seed=p.seed),
             num_cpus=1,
-            max_retries=2,
+            memory=DECODE_MEMORY,
         )
         model_step = dict(num_gpus=gpus, fn_constructor_kwargs=dict(cfg=cfg_dict, device=device))
         # One track per call: a track's clips are visited sequentially and most stop at the first clip.
@@ -493,11 +546,17 @@ def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> P
                 tokens_dir=tokens_dir, rejects_dir=rejects_dir, val_fraction=cfg.data.val_fraction, seed=cfg.data.seed
             ),
         )
-        statuses += [(r["status"], r["stage"]) for r in ds.take_all()]
+        for r in ds.take_all():
+            statuses.append((r["status"], r["stage"]))
+            summary.audio_bytes_decode += int(r["decode_bytes"])
+            summary.audio_bytes_select += int(r["select_bytes"])
+            summary.selector_decodes += int(r["selector_decodes"])
 
     summary.processed = len(todo)
     summary.kept = sum(1 for status, _ in statuses if status == OK)
     summary.rejected_tracks = dict(Counter(stage for status, stage in statuses if status != OK))
+    if summary.kept:
+        summary.audio_mb_per_kept_clip = (summary.audio_bytes_decode + summary.audio_bytes_select) / summary.kept / 1e6
     summary.totals = on_disk_totals(tokens_dir, rejects_dir)
     summary.seconds = time.time() - t0
     return summary

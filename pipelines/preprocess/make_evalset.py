@@ -43,7 +43,15 @@ from modeling.pretrained.text_encoder import TextEncoder
 from pipelines.paths import absolute_paths
 from pipelines.preprocess.audio import AudioError, load_audio, resample
 from pipelines.preprocess.evalset import EVALSET_SCHEMA, PCM_SCALE, evalset_table, to_pcm16
-from pipelines.preprocess.graph import OK, REJECTED, CaptionEmbedder, CodecEncoder, _rows, check_cluster
+from pipelines.preprocess.graph import (
+    DECODE_MEMORY,
+    OK,
+    REJECTED,
+    CaptionEmbedder,
+    CodecEncoder,
+    _rows,
+    check_cluster,
+)
 from pipelines.preprocess.tokens import PART_GLOB, read_parts, write_part
 from pipelines.runtime import ensure_ray
 
@@ -328,13 +336,13 @@ def _run_pipeline(
         batch_size=p.batch_size,
     )
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
-    # As in preprocessing: plain CPU tasks, with their own retry setting so that Ray Data does not fuse them into
+    # As in preprocessing: plain CPU tasks, with their own memory hint so that Ray Data does not fuse them into
     # the codec actors (decoding then scales with the cluster's CPUs, not with preprocess.codec_actors).
     ds = ds.map(
         decode_reference,
         fn_kwargs=dict(sample_rate=p.sample_rate, offset=e.reference_offset, seconds=e.seconds),
         num_cpus=1,
-        max_retries=2,
+        memory=DECODE_MEMORY,
     )
     # CodecEncoder encodes `audio` and empties it; the reference travels on as `pcm`.
     ds = ds.map_batches(CodecEncoder, compute=ray.data.ActorPoolStrategy(size=p.codec_actors), **model_step)

@@ -167,9 +167,10 @@ def test_text_encoder_hub_id_resolves_from_hf_cache_only(tiny):
 
 
 def _non_vocals_directly(model, x: np.ndarray) -> np.ndarray:
+    """x: (T,) mono, duplicated to both channels, or (T, 2) stereo."""
     from demucs.apply import apply_model
 
-    wav = torch.from_numpy(x)[None].repeat(2, 1)
+    wav = torch.from_numpy(x)[None].repeat(2, 1) if x.ndim == 1 else torch.from_numpy(x).T.contiguous()
     mean, std = wav.mean(0).mean(), wav.mean(0).std() + 1e-8
     out = apply_model(model, ((wav - mean) / std)[None], split=True, overlap=0.25, progress=False)[0] * std + mean
     keep = [i for i, s in enumerate(model.sources) if s != "vocals"]
@@ -188,6 +189,24 @@ def test_remove_vocals_equals_demucs_non_vocal_sum(separator):
     np.testing.assert_array_equal(remove_vocals(separator, x, shifts=0), remove_vocals(separator, x, shifts=0))
     with pytest.raises(ValueError, match="resample"):
         remove_vocals(separator, x, sample_rate=16000)
+
+
+def test_remove_vocals_separates_stereo_as_it_is(separator):
+    """(T, 2) goes to HTDemucs channel for channel (demucs' own normalisation); the result is mono (T,). (T, 1)
+    is the same as (T,): dual mono."""
+    x = np.stack([sine(2.0), 0.5 * sine(2.0, freq=660.0)], 1)  # different content per channel
+    random.seed(0)  # apply_model's default single random shift
+    y = remove_vocals(separator, x)
+    random.seed(0)
+    assert y.shape == (len(x),) and y.dtype == np.float32
+    np.testing.assert_allclose(y, _non_vocals_directly(separator, x), atol=1e-6)
+    y = remove_vocals(separator, x, shifts=0)
+    assert not np.allclose(y, remove_vocals(separator, x.mean(1), shifts=0), atol=1e-4)  # not a downmix first
+    np.testing.assert_array_equal(
+        remove_vocals(separator, x[:, :1], shifts=0), remove_vocals(separator, x[:, 0], shifts=0)
+    )
+    with pytest.raises(ValueError, match=r"\(T, 2\)"):
+        remove_vocals(separator, np.zeros((SR, 3), np.float32))
 
 
 def test_separator_local_repo_and_torch_hub_cache(tiny):
