@@ -83,7 +83,7 @@ def _from_dir(root: Path, name: str | None, setting: str):
 
 
 def load_separator(
-    path_or_name: str | Path = "htdemucs", device: str | torch.device = "cpu", setting: str = "data.separator"
+    path_or_name: str | Path = "htdemucs", device: str | torch.device = "cpu", setting: str = "preprocess.separator"
 ) -> HTDemucs | BagOfModels:
     """Load a demucs source separator in eval mode (see the module docstring for what `path_or_name` may be).
 

@@ -220,7 +220,7 @@ def test_separator_local_repo_and_torch_hub_cache(tiny):
     assert remove_vocals(bag, sine(1.0), shifts=0).shape == (SR,)
     assert type(load_separator(repo / "tinybag.yaml")).__name__ == "BagOfModels"
     # The default name resolves from the torch hub cache, where demucs' legacy loader looks, without downloading.
-    with pytest.raises(MissingWeightsError, match="data.separator"):
+    with pytest.raises(MissingWeightsError, match="preprocess.separator"):
         load_separator()
     checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
     checkpoints.mkdir(parents=True)
@@ -236,7 +236,7 @@ def test_separator_local_repo_and_torch_hub_cache(tiny):
     [
         (lambda p: load_codec(p, setting="preprocess.codec"), "preprocess.codec"),
         (lambda p: TextEncoder(p), "preprocess.text_encoder"),
-        (lambda p: load_separator(p), "data.separator"),
+        (lambda p: load_separator(p), "preprocess.separator"),
     ],
     ids=["codec", "text_encoder", "separator"],
 )
@@ -251,8 +251,8 @@ def test_missing_hub_weights_name_the_setting():
     for load, setting in [
         (lambda: load_codec("44khz"), "preprocess.codec"),
         (lambda: TextEncoder("google/flan-t5-base"), "preprocess.text_encoder"),
-        (lambda: load_separator("htdemucs"), "data.separator"),
-        (lambda: load_separator("hf://htdemucs_ft"), "data.separator"),
+        (lambda: load_separator("htdemucs"), "preprocess.separator"),
+        (lambda: load_separator("hf://htdemucs_ft"), "preprocess.separator"),
     ]:
         with pytest.raises(MissingWeightsError, match=setting):
             load()
