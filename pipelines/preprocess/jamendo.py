@@ -135,12 +135,8 @@ def read_excluded_ids(csv_path: str | Path) -> set[str]:
         ids = set()
         for row in reader:
             value = (row.get("track_id") or "").strip()
-            if not value:
-                continue
-            try:
-                ids.add(normalize_track_id(value))
-            except ValueError:
-                raise ValueError(f"{csv_path} line {reader.line_num}: unreadable track_id {value!r}") from None
+            if value:
+                ids.add(_listed_id(value, f"{csv_path} line {reader.line_num}: unreadable track_id"))
     return ids
 
 
@@ -158,13 +154,17 @@ def read_split_ids(tsv_path: str | Path) -> set[str]:
     with tsv_path.open(encoding="utf-8", errors="replace", newline="") as f:
         for n, line in enumerate(f, start=1):
             first = line.rstrip("\r\n").split("\t", 1)[0].strip()
-            if not first or (n == 1 and first == "TRACK_ID"):
-                continue
-            try:
-                ids.add(normalize_track_id(first))
-            except ValueError:
-                raise ValueError(f"{tsv_path} line {n}: unreadable track id {first!r}") from None
+            if first and not (n == 1 and first == "TRACK_ID"):
+                ids.add(_listed_id(first, f"{tsv_path} line {n}: unreadable track id"))
     return ids
+
+
+def _listed_id(value: str, error: str) -> str:
+    """`normalize_track_id(value)`; a ValueError `error value` (which names the file and line) when unreadable."""
+    try:
+        return normalize_track_id(value)
+    except ValueError:
+        raise ValueError(f"{error} {value!r}") from None
 
 
 def exclusion_reject(track: Track, excluded: set[str]) -> Reject | None:

@@ -1,5 +1,6 @@
-"""Exactly-once output: a retried write replaces its own parts; duplicate rows from a rewrite under other batching
-are read once (tokens for training, totals, finished tracks) and counted in the summary. Real Parquet, no Ray."""
+"""Exactly-once output: a retried write replaces its own parts (also when Ray retries the task after a worker died
+mid-task); duplicate rows from a rewrite under other batching are read once (tokens for training, totals, finished
+tracks) and counted in the summary. Real Parquet, and real Ray Data for the retry."""
 
 from __future__ import annotations
 
@@ -75,6 +76,37 @@ def test_a_retried_write_replaces_its_own_parts(tmp_path):
     keys = _raw_keys(rejects, REJECTS_KEY)
     assert len(keys) == len(set(keys)) == 3  # two clip-level rejects and one track-level verdict
     assert first["tokens"] == [part_name(r["track_id"] for r in reversed(rows))]  # the name ignores the order
+
+
+def test_a_write_task_that_ray_retries_after_writing_adds_no_rows(tmp_path, ray_session):
+    """The worker dies right after write_step wrote its parts (once: a marker file says so); Ray Data runs the
+    task again on the same block, which must replace those parts, not add a copy."""
+    import os
+
+    ray = ray_session
+    marker = tmp_path / "died-once"
+    out = {"tokens_dir": str(tmp_path / "tokens"), "rejects_dir": str(tmp_path / "rejects")}
+
+    def write_then_die_once(batch, *, marker: str, **kwargs):
+        status = write_step(batch, **kwargs)
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)  # the worker process dies after the write: a system failure, which Ray retries
+        return status
+
+    ds = ray.data.from_items(_rows(), override_num_blocks=1)
+    ds = ds.map_batches(write_then_die_once, batch_size=4, fn_kwargs=dict(marker=str(marker), split=SPLIT, **out))
+    statuses = ds.take_all()
+    assert marker.exists() and len(statuses) == 4
+    for d in ("tokens", "rejects"):
+        assert len(list((tmp_path / d).glob(PART_GLOB))) == 1
+    assert sorted(read_parts(tmp_path / "tokens").column("track_id").to_pylist()) == [
+        "track_0000001",
+        "track_0000002",
+        "track_0000004",
+    ]
+    keys = _raw_keys(read_parts(tmp_path / "rejects"), REJECTS_KEY)
+    assert len(keys) == len(set(keys)) == 3
 
 
 def test_rows_written_twice_under_other_batching_are_read_once_and_counted(tmp_path):
