@@ -33,6 +33,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -68,8 +69,6 @@ PART_GLOB = "part-*.parquet"
 TOKENS_KEY = ("track_id",)
 REJECTS_KEY = ("track_id", "clip_start", "stage")
 
-SPLITS = ("hash", "file", "artist")
-
 
 def _unit(seed: int, key: str) -> float:
     """A stable pseudo-random number in [0, 1) for (seed, key)."""
@@ -93,7 +92,7 @@ class SplitRule:
             every other track is train.
     """
 
-    kind: str = "hash"
+    kind: Literal["hash", "file", "artist"] = "hash"
     val_fraction: float = 0.0
     seed: int = 0
     val_ids: frozenset[str] = frozenset()
