@@ -135,11 +135,18 @@ class DataConfig(Section):
     max_frames: Int = 2588  # first 2588 DAC frames (~30.05 s), padded with the pad id
     frame_rate: Float = DAC_FRAME_RATE  # a property of the codec; a field so it is logged with the run
     codebook: Int = 0  # the one DAC codebook that is modelled
-    val_fraction: Float = 0.02
+    val_fraction: Float = 0.02  # the share of tracks (split: hash) or artists (split: artist) in validation
     seed: Int = 0
+    # How preprocessing assigns a kept track to train or val: hash of the track id; artist (hash of the artist id,
+    # so no artist is on both sides); file (the tracks listed in split_file are val, e.g. MTG-Jamendo's
+    # splits/split-0/autotagging-validation.tsv, every other track train).
+    split: Literal["hash", "file", "artist"] = "hash"
+    split_file: str | None = None
 
     def _validate(self) -> None:
         self._require("tokens_dir", bool(self.tokens_dir), "a non-empty path")
+        if self.split == "file" and not self.split_file:
+            raise ConfigError("data.split is 'file' but data.split_file is not set (the validation split TSV)")
         self._require("max_frames", self.max_frames > 0, "> 0")
         self._require("frame_rate", self.frame_rate > 0.0, "> 0")
         self._require("codebook", 0 <= self.codebook < DAC_N_CODEBOOKS, f"in 0..{DAC_N_CODEBOOKS - 1}")

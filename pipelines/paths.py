@@ -27,7 +27,7 @@ EXAMPLE_ROOT = "/srv/simba"
 
 # Config values that are always paths, and values that are a path when one exists (else a model id).
 PATH_KEYS = {
-    "data": ("tokens_dir",),
+    "data": ("tokens_dir", "split_file"),
     "preprocess": ("metadata_tsv", "audio_root", "exclude_csv", "rejects_dir", "caption_file", "caption_cache_dir"),
     "train": ("storage_path",),
     "eval": ("set_csv", "set_audio_root", "set_dir"),
@@ -40,7 +40,7 @@ PATH_OR_ID_KEYS = {
 # What the jobs read and write, for `check_job_paths` (model settings may be hub ids: they are not checked).
 PREPROCESS_PATHS = ("preprocess.metadata_tsv", "preprocess.audio_root", "preprocess.exclude_csv",
                     "preprocess.caption_file", "preprocess.caption_cache_dir", "data.tokens_dir",
-                    "preprocess.rejects_dir")  # fmt: skip
+                    "preprocess.rejects_dir", "data.split_file")  # fmt: skip
 TRAIN_PATHS = ("data.tokens_dir", "train.storage_path")  # and the MLflow store
 EVALSET_PATHS = ("eval.set_csv", "eval.set_audio_root", "eval.set_dir")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from configs.schema import ConfigError, ExperimentConfig
+from configs.schema import ConfigError, DataConfig, ExperimentConfig
 from modeling.pretrained.codec import encode_codes, load_codec
 from modeling.pretrained.separator import load_separator, remove_vocals
 from modeling.pretrained.text_encoder import TextEncoder
@@ -43,15 +43,18 @@ from pipelines.preprocess.captioning import (
 )
 from pipelines.preprocess.captions import build_captioner, resolve_local_model
 from pipelines.preprocess.filters import DEFAULT_VOCAL_WORDS
-from pipelines.preprocess.jamendo import Reject, Track, audio_path, read_excluded_ids, read_metadata
+from pipelines.preprocess.jamendo import Reject, Track, audio_path, read_excluded_ids, read_metadata, read_split_ids
 from pipelines.preprocess.selection import choose_captioned, select_clip
 from pipelines.preprocess.tokens import (
+    REJECTS_KEY,
     REJECTS_SCHEMA,
+    TOKENS_KEY,
     TOKENS_SCHEMA,
+    SplitRule,
     finished_track_ids,
-    read_parts,
+    part_name,
+    read_unique,
     rejects_table,
-    split_of,
     tokens_table,
     write_part,
 )
@@ -355,8 +358,12 @@ class CaptionEmbedder:
         return _batch(rows)
 
 
-def write_step(batch: dict[str, np.ndarray], *, tokens_dir: str, rejects_dir: str, val_fraction: float, seed: int):
-    """Write one batch's kept rows and rejections as Parquet parts; return a small status row per track."""
+def write_step(batch: dict[str, np.ndarray], *, tokens_dir: str, rejects_dir: str, split: SplitRule):
+    """Write one batch's kept rows and rejections as Parquet parts; return a small status row per track.
+
+    Both parts are named after the batch's track ids (`part_name`): Ray retries a task on the same block, so a
+    retry after a write replaces that part (atomically) instead of adding a second copy of its rows.
+    """
     rows = _rows(batch)
     tokens, rejects = [], []
     for row in rows:
@@ -374,15 +381,18 @@ def write_step(batch: dict[str, np.ndarray], *, tokens_dir: str, rejects_dir: st
                     n_frames=codes.shape[1],
                     text_emb=np.asarray(row["text_emb"]),
                     text_len=int(row["text_len"]),
-                    split=split_of(track_id, val_fraction, seed),
+                    split=split(track_id, str(row["artist_id"])),
                 )
             )
         else:
             rejects.append(dict(track_id=track_id, stage=str(row["stage"]), reason=str(row["reason"])))
     # Rejects first: a crash in between leaves the tracks unfinished (no token row, no track verdict),
-    # so a rerun redoes them; a rerun never sees a track as done whose clip rejections are missing.
-    write_part(rejects_table(rejects), rejects_dir)
-    write_part(tokens_table(tokens), tokens_dir)
+    # so a rerun redoes them; a rerun never sees a track as done whose clip rejections are missing. Such a rerun
+    # may batch those tracks differently and so write their clip rejections again under another name: readers
+    # keep one row per key (tokens.REJECTS_KEY) and the summary counts the rest.
+    name = part_name(str(r["track_id"]) for r in rows)
+    write_part(rejects_table(rejects), rejects_dir, name=name)
+    write_part(tokens_table(tokens), tokens_dir, name=name)
     return {
         "track_id": np.array([str(r["track_id"]) for r in rows]),
         "status": np.array([str(r["status"]) for r in rows]),
@@ -401,7 +411,7 @@ class PreprocessSummary:
     processed: int = 0
     kept: int = 0
     rejected_tracks: dict[str, int] = field(default_factory=dict)  # this run, by stage
-    totals: dict[str, int] = field(default_factory=dict)  # on disk after this run
+    totals: dict[str, int] = field(default_factory=dict)  # on disk after this run, one row per key
     seconds: float = 0.0
     # Audio that crossed the object store between stages this run (the sums of AUDIO_STATS over the tracks):
     audio_bytes_decode: int = 0  # decode tasks -> clip selection (the clips shipped for selection to try)
@@ -460,6 +470,37 @@ def check_cluster(
         )
 
 
+def split_rule(data: DataConfig) -> SplitRule:
+    """The train/val rule of `data` (data.split); reads data.split_file for `file` (a ConfigError when missing)."""
+    val_ids: frozenset[str] = frozenset()
+    if data.split == "file":
+        if not data.split_file or not Path(data.split_file).is_file():
+            raise ConfigError(f"data.split is 'file' but data.split_file {data.split_file} does not exist")
+        try:
+            val_ids = frozenset(read_split_ids(data.split_file))
+        except ValueError as e:
+            raise ConfigError(f"data.split_file: {e}") from None
+    return SplitRule(data.split, data.val_fraction, data.seed, val_ids)
+
+
+def check_split(tokens_dir: str, rule: SplitRule) -> None:
+    """Refuse to add to a token table whose rows were split by other settings: the split is stored per row, and a
+    rerun only writes the unfinished tracks, so the two rules would silently mix."""
+    on_disk, _ = read_unique(tokens_dir, TOKENS_KEY, TOKENS_SCHEMA, ["track_id", "artist_id", "split"])
+    moved = [
+        (t, s)
+        for t, a, s in zip(*(on_disk.column(c).to_pylist() for c in ("track_id", "artist_id", "split")), strict=True)
+        if rule(t, a) != s
+    ]
+    if moved:
+        track, stored = moved[0]
+        raise ConfigError(
+            f"{len(moved)} of the {on_disk.num_rows} token rows in {tokens_dir} were split by other settings "
+            f"({track} is in {stored!r}): data.split, data.split_file, data.val_fraction or data.seed changed since "
+            f"they were written; restore them, or delete {tokens_dir} to redo the kept tracks (rejects stay valid)"
+        )
+
+
 def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> PreprocessSummary:
     """Run the whole pipeline on the current Ray cluster (starting a local one when none is connected)."""
     t0 = time.time()
@@ -475,6 +516,8 @@ def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> P
         except ValueError as e:
             raise ConfigError(f"preprocess.caption_file: {e}") from None
     tokens_dir, rejects_dir = cfg.data.tokens_dir, p.rejects_dir
+    split = split_rule(cfg.data)
+    check_split(tokens_dir, split)
 
     tracks, rejects = read_metadata(p.metadata_tsv)
     summary = PreprocessSummary(tracks_in_metadata=len(tracks) + len(rejects))
@@ -492,7 +535,9 @@ def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> P
     new_rejects = [r for r in rejects if r.track_id not in done]
     todo = [t for t in tracks if t.track_id not in done]
     summary.skipped_done = len(tracks) + len(rejects) - len(todo) - len(new_rejects)
-    write_part(rejects_table([asdict(r) for r in new_rejects]), rejects_dir)
+    # Named after its tracks, like a batch's part: writing the same verdicts again replaces them.
+    name = part_name(r.track_id for r in new_rejects)
+    write_part(rejects_table([asdict(r) for r in new_rejects]), rejects_dir, name=name)
     statuses = [("rejected", r.stage) for r in new_rejects]
 
     if todo:
@@ -542,9 +587,7 @@ def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> P
         ds = ds.map_batches(
             write_step,
             batch_size=p.batch_size,
-            fn_kwargs=dict(
-                tokens_dir=tokens_dir, rejects_dir=rejects_dir, val_fraction=cfg.data.val_fraction, seed=cfg.data.seed
-            ),
+            fn_kwargs=dict(tokens_dir=tokens_dir, rejects_dir=rejects_dir, split=split),
         )
         for r in ds.take_all():
             statuses.append((r["status"], r["stage"]))
@@ -563,8 +606,11 @@ def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> P
 
 
 def on_disk_totals(tokens_dir: str, rejects_dir: str) -> dict[str, int]:
-    tokens = read_parts(tokens_dir, ["track_id", "split"], TOKENS_SCHEMA)
-    rejects = read_parts(rejects_dir, ["track_id", "stage", "clip_start"], REJECTS_SCHEMA)
+    """Rows on disk, one per key (tokens: track; rejects: track, clip, stage), and the duplicates left out."""
+    tokens, token_duplicates = read_unique(tokens_dir, TOKENS_KEY, TOKENS_SCHEMA, ["track_id", "split"])
+    rejects, reject_duplicates = read_unique(
+        rejects_dir, REJECTS_KEY, REJECTS_SCHEMA, ["track_id", "stage", "clip_start"]
+    )
     splits = Counter(tokens.column("split").to_pylist())
     totals = {"token rows": tokens.num_rows, "train": splits.get("train", 0), "val": splits.get("val", 0)}
     track_level = Counter(
@@ -575,4 +621,5 @@ def on_disk_totals(tokens_dir: str, rejects_dir: str) -> dict[str, int]:
     totals["rejected tracks"] = sum(track_level.values())
     totals.update({f"  {stage}": n for stage, n in sorted(track_level.items())})
     totals["rejected clips"] = rejects.num_rows - totals["rejected tracks"]
+    totals["duplicates ignored"] = token_duplicates + reject_duplicates
     return totals

@@ -1,4 +1,4 @@
-"""MTG-Jamendo metadata: the track TSV, track ids, Song Describer exclusions and tag categories.
+"""MTG-Jamendo metadata: the track TSV, track ids, split files, Song Describer exclusions and tag categories.
 
 Everything here is plain Python, called per file (metadata) or per row (exclusion) by the Ray Data
 preprocessing pipeline. A bad row never raises: it comes back as a `Reject` so that the pipeline can
@@ -135,13 +135,36 @@ def read_excluded_ids(csv_path: str | Path) -> set[str]:
         ids = set()
         for row in reader:
             value = (row.get("track_id") or "").strip()
-            if not value:
-                continue
-            try:
-                ids.add(normalize_track_id(value))
-            except ValueError:
-                raise ValueError(f"{csv_path} line {reader.line_num}: unreadable track_id {value!r}") from None
+            if value:
+                ids.add(_listed_id(value, f"{csv_path} line {reader.line_num}: unreadable track_id"))
     return ids
+
+
+def read_split_ids(tsv_path: str | Path) -> set[str]:
+    """Normalized track ids of an MTG-Jamendo split file (e.g. `splits/split-0/autotagging-validation.tsv`).
+
+    The split files have the metadata TSV's layout (header `TRACK_ID ARTIST_ID ALBUM_ID PATH DURATION TAGS`, then
+    one tab-separated row per track); only the first field is read, so a plain list of ids, one per line, works
+    too. Blank lines are skipped; an unreadable id raises ValueError naming its line.
+    """
+    tsv_path = Path(tsv_path)
+    if not tsv_path.is_file():
+        raise FileNotFoundError(f"split file not found: {tsv_path}")
+    ids = set()
+    with tsv_path.open(encoding="utf-8", errors="replace", newline="") as f:
+        for n, line in enumerate(f, start=1):
+            first = line.rstrip("\r\n").split("\t", 1)[0].strip()
+            if first and not (n == 1 and first == "TRACK_ID"):
+                ids.add(_listed_id(first, f"{tsv_path} line {n}: unreadable track id"))
+    return ids
+
+
+def _listed_id(value: str, error: str) -> str:
+    """`normalize_track_id(value)`; a ValueError `error value` (which names the file and line) when unreadable."""
+    try:
+        return normalize_track_id(value)
+    except ValueError:
+        raise ValueError(f"{error} {value!r}") from None
 
 
 def exclusion_reject(track: Track, excluded: set[str]) -> Reject | None:

@@ -13,6 +13,9 @@ unpadded caption embeddings ~2-3 GB as fp16. So each worker reads its split once
 `EpochBatches` addresses it by row: epoch e visits the rows in the permutation seeded by (seed, e), rank r of
 w takes every w-th row of it (disjoint shards, equal length, so DDP's collectives stay in step), and a resumed
 run starts at the micro-batch it had reached.
+
+A track has one row: should a retried or rerun preprocessing writer have left a second row of a track in another
+part, the first in file order is read and the others are counted (`TokenSplit.duplicates`), never trained on twice.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.preprocess.tokens import PART_GLOB
+from pipelines.preprocess.tokens import PART_GLOB, TOKENS_KEY, first_of_each
 
 COLUMNS = ["track_id", "codes", "text_emb", "split"]
 READ_BATCH_ROWS = 256  # rows per Arrow batch while reading: bounds the transient memory of the nested codes
@@ -41,11 +45,14 @@ def token_files(tokens_dir: str | Path) -> list[str]:
 
 
 def count_split(tokens_dir: str | Path, split: str) -> int:
-    """Rows of a split, read from one string column (cheap)."""
-    return sum(
-        pc.sum(pc.equal(pq.read_table(f, columns=["split"]).column("split"), split)).as_py() or 0
-        for f in token_files(tokens_dir)
-    )
+    """Rows of a split, one per track, read from two string columns (cheap)."""
+    seen: set = set()
+    n = 0
+    for f in token_files(tokens_dir):
+        table = pq.read_table(f, columns=[*TOKENS_KEY, "split"])
+        table = table.filter(first_of_each(table, TOKENS_KEY, seen))
+        n += pc.sum(pc.equal(table.column("split"), split)).as_py() or 0
+    return n
 
 
 @dataclass
@@ -61,6 +68,7 @@ class TokenSplit:
     tokens: np.ndarray
     text: np.ndarray
     text_offsets: np.ndarray  # (N + 1,) int64
+    duplicates: int = 0  # rows of a track already read (from another part), left out
 
     def __len__(self) -> int:
         return len(self.track_ids)
@@ -72,8 +80,13 @@ class TokenSplit:
         tokens: list[np.ndarray] = []
         texts: list[np.ndarray] = []
         lengths: list[np.ndarray] = []
+        seen: set = set()  # track ids read so far, of every split
+        duplicates = 0
         for file in token_files(tokens_dir):
             for batch in pq.ParquetFile(file).iter_batches(batch_size=READ_BATCH_ROWS, columns=COLUMNS):
+                first = first_of_each(batch, TOKENS_KEY, seen)
+                duplicates += int(len(first) - first.sum())
+                batch = batch.filter(pa.array(first))
                 batch = batch.filter(pc.equal(batch.column("split"), split))
                 if batch.num_rows == 0:
                     continue
@@ -84,10 +97,11 @@ class TokenSplit:
                 lengths.append(length)
         if not ids:
             empty = np.zeros((0, max_frames + 1), np.int16)
-            return cls(np.array([], dtype=object), empty, np.zeros((0, 0), np.float16), np.zeros(1, np.int64))
+            text = np.zeros((0, 0), np.float16)
+            return cls(np.array([], dtype=object), empty, text, np.zeros(1, np.int64), duplicates)
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(np.concatenate(lengths), out=offsets[1:])
-        return cls(np.array(ids, dtype=object), np.concatenate(tokens), np.concatenate(texts), offsets)
+        return cls(np.array(ids, dtype=object), np.concatenate(tokens), np.concatenate(texts), offsets, duplicates)
 
     def batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Numpy micro-batch of `rows`: tokens (B, T+1) int64, text (ragged (S_i, D) float16), index, track_id."""

@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from configs.schema import ConfigError
+from configs.schema import ConfigError, ExperimentConfig
 from modeling.pretrained.errors import MissingWeightsError
-from pipelines.preprocess.graph import run_preprocess
-from pipelines.preprocess.tokens import REJECTS_SCHEMA, TOKENS_SCHEMA, read_parts
+from pipelines.preprocess.graph import on_disk_totals, run_preprocess
+from pipelines.preprocess.tokens import REJECTS_KEY, REJECTS_SCHEMA, TOKENS_SCHEMA, read_parts, read_rejects
 from tests.conftest import preprocess_config
 
 # What the pipeline must do with each kind of track make_corpus writes: (table, stage).
@@ -47,6 +47,15 @@ def _outcomes(cfg) -> dict[str, tuple[str, str | None]]:
     return out
 
 
+def _keys(rejects) -> list[tuple]:
+    return list(zip(*(rejects.column(k).to_pylist() for k in REJECTS_KEY), strict=True))
+
+
+def _with_data(cfg, **data):
+    d = cfg.to_dict()
+    return ExperimentConfig.from_dict({**d, "data": {**d["data"], **data}})
+
+
 @pytest.fixture
 def first_run(preprocessed, ray_session):
     return preprocessed
@@ -61,6 +70,7 @@ def test_every_track_has_exactly_its_expected_outcome(first_run, corpus):
     kept = sum(1 for table, _ in outcomes.values() if table == "tokens")
     assert summary.kept == kept >= 1
     assert summary.totals["token rows"] == kept
+    assert summary.totals["duplicates ignored"] == 0
     assert summary.tracks_in_metadata == len(corpus.tracks)
 
 
@@ -116,6 +126,15 @@ def test_rerun_adds_nothing_and_loses_nothing(first_run):
     assert again.skipped_done == again.tracks_in_metadata
     assert read_parts(cfg.data.tokens_dir).sort_by("track_id").equals(before_tokens)
     assert read_parts(cfg.preprocess.rejects_dir).num_rows == before_rejects
+    assert again.totals["duplicates ignored"] == 0
+
+
+def test_a_rerun_with_other_split_settings_is_refused(first_run):
+    """The split is stored per row and a rerun writes only the unfinished tracks: mixing two rules is refused."""
+    cfg, _ = first_run
+    other = _with_data(cfg, val_fraction=0.6)
+    with pytest.raises(ConfigError, match=r"data\.split, data\.split_file, data\.val_fraction or data\.seed"):
+        run_preprocess(other, check_pretrained=False)
 
 
 def test_a_lost_part_is_redone_with_the_same_clip(first_run):
@@ -123,10 +142,20 @@ def test_a_lost_part_is_redone_with_the_same_clip(first_run):
     tracks and, with the same seed, picks the same clips and writes the same codes."""
     cfg, _ = first_run
     before = {r["track_id"]: r for r in read_parts(cfg.data.tokens_dir).to_pylist()}
+    before_totals = on_disk_totals(cfg.data.tokens_dir, cfg.preprocess.rejects_dir)
+    before_rejects = set(_keys(read_parts(cfg.preprocess.rejects_dir)))
     for part in Path(cfg.data.tokens_dir).glob("part-*.parquet"):
         part.unlink()
     again = run_preprocess(cfg)
     assert again.processed == len(before)
+    # The redone tracks' clip rejections were on disk already and are written again (in other batches, under other
+    # part names): they count once, and the extra copies are reported.
+    counted = {k: v for k, v in again.totals.items() if k != "duplicates ignored"}
+    assert counted == {k: v for k, v in before_totals.items() if k != "duplicates ignored"}
+    rejects = read_rejects(cfg.preprocess.rejects_dir)
+    assert len(_keys(rejects)) == len(set(_keys(rejects))) and set(_keys(rejects)) == before_rejects
+    raw = read_parts(cfg.preprocess.rejects_dir).num_rows
+    assert again.totals["duplicates ignored"] == raw - rejects.num_rows
     after = {r["track_id"]: r for r in read_parts(cfg.data.tokens_dir).to_pylist()}
     assert set(after) == set(before)
     for track_id, row in before.items():
