@@ -29,7 +29,6 @@ track-level verdict's clip_start is null) and counts the rest (`unique_rows`).
 from __future__ import annotations
 
 import hashlib
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,8 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipelines.files import atomic_write
 
 TOKENS_SCHEMA = pa.schema(
     [
@@ -163,13 +164,8 @@ def write_part(table: pa.Table, directory: str | Path, name: str | None = None) 
     """
     if table.num_rows == 0:
         return None
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     name = name or f"part-{uuid.uuid4().hex}.parquet"
-    tmp = directory / f".{name}.{uuid.uuid4().hex}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, directory / name)
-    return directory / name
+    return atomic_write(Path(directory) / name, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_parts(directory: str | Path, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
