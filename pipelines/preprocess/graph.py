@@ -224,12 +224,14 @@ class _CaptionStep:
 
 class WindowCaptioner(_CaptionStep):
     """Actor, stage 1 of `captions: model`: caption each window of each candidate clip (AudioCaptioner), unless the
-    cache has it. Adds `cand_windows` (JSON: per candidate, its window captions)."""
+    cache has it. Adds `cand_windows` (JSON: per candidate, its window captions) and `cand_errors` (JSON: per
+    candidate, why the model gave it no caption, or null)."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows, p = _rows(batch), self.p
         for row in rows:
             row["cand_windows"] = [None] * len(row["cand_starts"])
+            row["cand_errors"] = [None] * len(row["cand_starts"])
         todo = []
         for row, i, start in self.candidates(rows):
             windows, caption = self.cache.get(str(row["track_id"]), start)
@@ -246,9 +248,11 @@ class WindowCaptioner(_CaptionStep):
             ]
             try:
                 texts = self.model(audio, p.sample_rate)
-            except Exception as e:  # the batch's clips get no caption and are rejected, the job goes on
+            except Exception as e:  # the batch's clips get no caption and are rejected (with e), the job goes on
                 print(f"WindowCaptioner: {type(e).__name__}: {e}", file=sys.stderr)
                 texts = [""] * len(audio)
+                for row, i, _ in todo:
+                    row["cand_errors"][i] = f"the audio captioner failed: {type(e).__name__}: {e}"
             new = []
             for k, (row, i, start) in enumerate(todo):
                 windows = texts[k * p.caption_windows : (k + 1) * p.caption_windows]
@@ -258,6 +262,7 @@ class WindowCaptioner(_CaptionStep):
             self.cache.put(new)
         for row in rows:
             row["cand_windows"] = json.dumps(row["cand_windows"])
+            row["cand_errors"] = json.dumps(row["cand_errors"])
         return _batch(rows)
 
 
@@ -274,6 +279,7 @@ class CaptionRephraser(_CaptionStep):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows, p = _rows(batch), self.p
         todo, captions = [], {}
+        errors = {id(row): json.loads(str(row.pop("cand_errors"))) for row in rows}  # stage 1's, then this stage's
         for row, i, start in self.candidates(rows):
             windows = json.loads(str(row["cand_windows"]))[i]
             cached = self.cache.get(str(row["track_id"]), start)[1]
@@ -286,9 +292,11 @@ class CaptionRephraser(_CaptionStep):
                 self.model = Rephraser(p.caption_text_model, **kwargs)
             try:
                 texts = self.model([w for *_, w in todo])
-            except Exception as e:  # the batch's clips get no caption and are rejected, the job goes on
+            except Exception as e:  # the batch's clips get no caption and are rejected (with e), the job goes on
                 print(f"CaptionRephraser: {type(e).__name__}: {e}", file=sys.stderr)
                 texts = [""] * len(todo)
+                for row, i, _, _ in todo:
+                    errors[id(row)][i] = f"the rephraser failed: {type(e).__name__}: {e}"
             for (row, i, _, _), text in zip(todo, texts, strict=True):
                 captions[id(row), i] = text
             done = [(str(row["track_id"]), s, w, t) for (row, _, s, w), t in zip(todo, texts, strict=True) if t]
@@ -306,6 +314,7 @@ class CaptionRephraser(_CaptionStep):
                 [(float(s), captions[id(row), i]) for i, s in enumerate(starts)],
                 vocal_words=self.words,
                 earlier_rejects=earlier,
+                failures={float(s): e for s, e in zip(starts, errors[id(row)], strict=True) if e},
             )
             if sel.track_reject is not None:
                 _reject_row(row, sel.track_reject, sel.clip_rejects)

@@ -149,16 +149,20 @@ def choose_captioned(
     *,
     vocal_words: tuple[str, ...] = DEFAULT_VOCAL_WORDS,
     earlier_rejects: list[tuple[float, Reject]] = (),
+    failures: dict[float, str] | None = None,
 ) -> Selection:
     """The first candidate (clip_start, model caption or None) whose caption exists and passes the vocal-cue rule.
 
     `earlier_rejects`: the clips that `select_clip` dropped before these (separation, silence), kept in the
-    outcome so that a rejected track lists every clip it tried. The audio is not handled here.
+    outcome so that a rejected track lists every clip it tried. `failures`: clip_start -> why a caption model
+    failed on that clip, which becomes the clip's reject reason. The audio is not handled here.
     """
     out = Selection(track_id, clip_rejects=list(earlier_rejects))
     for start, caption in candidates:
         caption = (caption or "").strip()
-        if not caption:
+        if not caption and failures and start in failures:
+            reject = Reject(track_id, "caption", f"clip at {start:g} s: {failures[start]}")
+        elif not caption:
             reject = Reject(track_id, "caption", f"the caption model gave no text for clip at {start:g} s")
         else:
             reject = vocal_reject(track_id, start, caption, vocal_words)

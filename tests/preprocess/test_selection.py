@@ -127,6 +127,13 @@ def test_choose_captioned_keeps_the_first_caption_without_vocal_cues():
     assert out.track_reject.stage == "selection" and "2 clips" in out.track_reject.reason
     out = choose_captioned("track_0000001", [(30.0, "a kazoo solo")], vocal_words=("kazoo",))
     assert out.track_reject.stage == "vocal_filter"
+    # A caption model that failed on a clip: its error is the clip's reject reason, so the rejects table says why.
+    failed = "the audio captioner failed: RuntimeError: CUDA out of memory"
+    out = choose_captioned("track_0000001", [(30.0, None), (60.0, "")], failures={30.0: failed})
+    assert [(s, r.reason) for s, r in out.clip_rejects] == [
+        (30.0, f"clip at 30 s: {failed}"),
+        (60.0, "the caption model gave no text for clip at 60 s"),
+    ]
 
 
 def test_separation_failure_drops_the_clip_not_the_track():
