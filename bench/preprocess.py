@@ -70,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.preprocess.audio import CLIP_SECONDS, SAMPLE_RATE  # noqa: E402
 from pipelines.preprocess.corpus.writer import CorpusManifest, make_corpus  # noqa: E402
-from pipelines.preprocess.graph import decode_step  # noqa: E402
+from pipelines.preprocess.steps import decode_step  # noqa: E402
 
 TARGET = 1.7
 

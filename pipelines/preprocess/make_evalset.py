@@ -43,15 +43,8 @@ from modeling.pretrained.text_encoder import TextEncoder
 from pipelines.paths import absolute_paths
 from pipelines.preprocess.audio import AudioError, load_audio, resample
 from pipelines.preprocess.evalset import EVALSET_SCHEMA, PCM_SCALE, evalset_table, to_pcm16
-from pipelines.preprocess.graph import (
-    DECODE_MEMORY,
-    OK,
-    REJECTED,
-    CaptionEmbedder,
-    CodecEncoder,
-    _rows,
-    check_cluster,
-)
+from pipelines.preprocess.graph import check_cluster
+from pipelines.preprocess.steps import DECODE_MEMORY, OK, REJECTED, CaptionEmbedder, CodecEncoder, rows_of
 from pipelines.preprocess.tokens import PART_GLOB, read_parts, write_part
 from pipelines.runtime import ensure_ray
 
@@ -180,7 +173,7 @@ def write_step(batch: dict[str, np.ndarray], *, out_dir: str, run_id: str, sampl
 
     The part's name comes from this run and the captions in it, so a retried task replaces its part.
     """
-    rows = _rows(batch)
+    rows = rows_of(batch)
     kept = [r for r in rows if r["status"] == OK]
     if kept:
         indices = sorted(int(r["index"]) for r in kept)
@@ -354,7 +347,7 @@ def _run_pipeline(
     total = sum(len(c) for c in by_file.values())
     statuses, last = [], time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        statuses += _rows(batch)
+        statuses += rows_of(batch)
         if progress and (time.time() - last > 10 or len(statuses) == total):
             last = time.time()
             ok = sum(1 for s in statuses if s["status"] == OK)

@@ -21,9 +21,9 @@ from pipelines.preprocess.audio import (
     resample,
 )
 from pipelines.preprocess.captions import TagCaptioner
-from pipelines.preprocess.graph import OK, ClipSelector, _batch, decode_step
 from pipelines.preprocess.jamendo import Track
 from pipelines.preprocess.selection import select_clip
+from pipelines.preprocess.steps import OK, ClipSelector, batch_of, decode_step
 from pipelines.preprocess.tokens import read_parts
 from tests.preprocess.test_stages import sine
 
@@ -85,7 +85,7 @@ def test_stereo_clip_reaches_the_separator_with_both_channels(tmp_path: Path, ti
         decoded = decode_step(row(path, track_id), sample_rate=SR, clip_seconds=seconds, seed=0)
         assert decoded["status"] == OK and decoded["clip_index"].tolist() == [silent]
         assert decoded["clips"].shape == (1, len(music), 2) and not decoded["clips"].any()
-        out = selector(_batch([decoded]))
+        out = selector(batch_of([decoded]))
     finally:
         hook.remove()
 

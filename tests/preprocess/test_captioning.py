@@ -22,7 +22,7 @@ from pipelines.preprocess.captioning import (
     rephrase_messages,
     split_windows,
 )
-from pipelines.preprocess.graph import OK, CaptionRephraser, WindowCaptioner, _batch
+from pipelines.preprocess.steps import OK, CaptionRephraser, WindowCaptioner, batch_of
 from pipelines.preprocess.tokens import read_parts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,7 +95,7 @@ def selector_batch(starts: list[list[float]]) -> dict[str, np.ndarray]:
              clip_rejects=json.dumps([dict(track_id=f"track_000000{n}", stage="silence", reason="r", clip_start=99.0)]))
         for n, s in enumerate(starts)
     ]  # fmt: skip
-    return _batch(rows)
+    return batch_of(rows)
 
 
 def run_steps(cfg, batch):

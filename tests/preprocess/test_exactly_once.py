@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.preprocess.graph import OK, REJECTED, PreprocessSummary, _batch, on_disk_totals, write_step
+from pipelines.preprocess.graph import PreprocessSummary, on_disk_totals
+from pipelines.preprocess.steps import OK, REJECTED, batch_of, write_step
 from pipelines.preprocess.tokens import (
     PART_GLOB,
     REJECTS_KEY,
@@ -54,7 +55,7 @@ def _rows() -> list[dict]:
 
 
 def _write(rows: list[dict], out: Path) -> dict:
-    return write_step(_batch(rows), tokens_dir=str(out / "tokens"), rejects_dir=str(out / "rejects"), split=SPLIT)
+    return write_step(batch_of(rows), tokens_dir=str(out / "tokens"), rejects_dir=str(out / "rejects"), split=SPLIT)
 
 
 def _raw_keys(table, key) -> list[tuple]:

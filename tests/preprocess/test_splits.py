@@ -9,8 +9,9 @@ import pytest
 
 from configs import load_config
 from configs.schema import ConfigError, DataConfig
-from pipelines.preprocess.graph import OK, _batch, run_preprocess, split_rule, write_step
+from pipelines.preprocess.graph import run_preprocess, split_rule
 from pipelines.preprocess.jamendo import read_metadata, read_split_ids
+from pipelines.preprocess.steps import OK, batch_of, write_step
 from pipelines.preprocess.tokens import SplitRule, read_tokens, split_of
 from tests.conftest import preprocess_config
 
@@ -85,7 +86,7 @@ def test_write_step_stores_the_rule_s_split(tmp_path):
         for i in range(12)
     ]  # fmt: skip
     rule = SplitRule("artist", val_fraction=0.5, seed=1)
-    write_step(_batch(rows), tokens_dir=str(tmp_path / "tokens"), rejects_dir=str(tmp_path / "rejects"), split=rule)
+    write_step(batch_of(rows), tokens_dir=str(tmp_path / "tokens"), rejects_dir=str(tmp_path / "rejects"), split=rule)
     tokens = read_tokens(tmp_path / "tokens", ["track_id", "artist_id", "split"]).to_pylist()
     assert len(tokens) == 12 and all(r["split"] == rule(r["track_id"], r["artist_id"]) for r in tokens)
     by_artist = defaultdict(set)
