@@ -136,7 +136,7 @@ def test_the_choice_cache_file_is_configurable_and_survives_a_broken_file(simba,
     file.write_text("{not json")
     with pytest.warns(UserWarning, match="ignoring the compiled-step strategy cache"):
         assert _read_choices(file) == {}
-    _remember_choice(file, "k", StrategyChoice("gemm", "timed", {"gemm": 1.0, "reduce": 2.0}))
+        _remember_choice(file, "k", StrategyChoice("gemm", "timed", {"gemm": 1.0, "reduce": 2.0}))  # replaces it
     assert _read_choices(file) == {"k": {"strategy": "gemm", "ms_per_step": {"gemm": 1.0, "reduce": 2.0}}}
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["choices.json"]
 
