@@ -30,11 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here, after the arguments and config are read: --help and a bad flag or config answer at once,
     # without the seconds that importing torch and Ray takes.
     from pipelines.preprocess.graph import run_preprocess
-    from pipelines.runtime import ensure_ray
 
-    ensure_ray(args.address)
-    try:
-        summary = run_preprocess(cfg)
+    try:  # the config's files and the models are checked before Ray starts
+        summary = run_preprocess(cfg, address=args.address)
     except USAGE_ERRORS as err:
         return fail(PROG, err)
     print(summary.table())

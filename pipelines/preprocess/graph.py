@@ -160,8 +160,11 @@ def check_split(tokens_dir: str, rule: SplitRule) -> None:
         )
 
 
-def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> PreprocessSummary:
-    """Run the whole pipeline on the current Ray cluster (starting a local one when none is connected)."""
+def run_preprocess(
+    cfg: ExperimentConfig, *, check_pretrained: bool = True, address: str | None = None
+) -> PreprocessSummary:
+    """Run the whole pipeline on the current Ray cluster, else on the one at `address` (or RAY_ADDRESS), else on a
+    local one. The config, the files and the models are checked first: a mistake in them never starts Ray."""
     t0 = time.time()
     cfg = absolute_paths(cfg)
     p = cfg.preprocess
@@ -200,7 +203,7 @@ def run_preprocess(cfg: ExperimentConfig, *, check_pretrained: bool = True) -> P
     statuses = [("rejected", r.stage) for r in new_rejects]
 
     if todo:
-        ensure_ray()
+        ensure_ray(address)
         gpus = p.gpus_per_actor
         actors = dict(separator_actors=p.separator_actors, codec_actors=p.codec_actors, text_actors=p.text_actors)
         caption_cpus = {}

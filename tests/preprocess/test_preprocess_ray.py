@@ -171,6 +171,22 @@ def test_missing_weights_fail_before_reading_data(corpus, tiny_pretrained, tmp_p
     assert not (tmp_path / "rejects").exists() and not (tmp_path / "tokens").exists()
 
 
+def test_the_job_names_missing_weights_without_starting_ray(corpus, tiny_pretrained, tmp_path):
+    """`simba-ttm preprocess` checks the models before Ray starts (it used to start Ray, then fail)."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = preprocess_config(corpus, {**tiny_pretrained, "codec": str(tmp_path / "nope.pth")}, tmp_path)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.preprocess", "--config", str(cfg.dump_yaml(tmp_path / "cfg.yaml"))],
+        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "preprocess.codec" in proc.stderr, proc.stderr[-2000:]
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
 def test_a_malformed_caption_file_stops_before_any_work(corpus, tiny_pretrained, tmp_path):
     bad = tmp_path / "captions.tsv"
     bad.write_text("track_id\tclip_start\tcaption\n214\t0\tone\n214\t0.0\ttwo\n")
