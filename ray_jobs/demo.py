@@ -5,13 +5,16 @@ Cross Transformer at debug scale, side by side (Ray Train, MLflow) -> generate a
 set from the corpus's held-out (Song Describer) tracks -> evaluate every checkpoint of both runs -> Fig. 3 and
 Fig. 1 -> where to look. `--timings FILE` writes the wall time of each stage (`bench/demo.py` reads it).
 Pretrained parts come from configs/debug.yaml; the tiny random ones are created there when absent (their FAD,
-KLD and CLAP are noise: the numbers test the pipeline, not the models).
+KLD and CLAP are noise: the numbers test the pipeline, not the models). Clips are captioned from the corpus's
+per-clip caption file, as the paper captions each clip (`preprocess.captions=...` on the command line picks
+another captioner).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here, after the arguments and config are read: --help and a bad flag or config answer at once,
     # without the seconds that importing torch, Ray and MLflow takes.
     from modeling.pretrained.tiny import make_tiny_pretrained
-    from pipelines.preprocess.corpus.writer import make_corpus
+    from pipelines.preprocess.corpus.writer import CAPTIONS_NAME, make_corpus
     from pipelines.preprocess.graph import run_preprocess
     from pipelines.runtime import ensure_ray
 
@@ -133,6 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         p = cfg.preprocess
         print(f"NOTE: no real weights configured for {', '.join(missing)}: using TINY RANDOM models ({made}).")
         print("      The pipeline and training are real; the audio will not sound like music.")
+
+    caption_file = corpus_root / CAPTIONS_NAME
+    chosen = any(o.split("=", 1)[0].strip().startswith("preprocess.caption") for o in args.overrides)
+    if not chosen and caption_file.is_file():  # per-clip captions, as the paper's (keyed by track and clip start)
+        cfg = dataclasses.replace(
+            cfg, preprocess=dataclasses.replace(p, captions="file", caption_file=str(caption_file))
+        )
+        p = cfg.preprocess
+    print(f"captions: {p.captions}" + (f" ({p.caption_file})" if p.captions == "file" else ""))
 
     with stages("Ray start"):
         ensure_ray()
