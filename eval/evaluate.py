@@ -140,21 +140,17 @@ def write_outputs(out_dir: Path, evalset: EvalSet, audio: np.ndarray, sample_rat
 
 
 def find_training_run(cfg: ExperimentConfig, uri: str) -> str | None:
-    """The MLflow run that trained `cfg` (found by its name and run folder, as the training driver tags it)."""
+    """The MLflow run that trained `cfg` (the newest with its name and run folder, as the training driver tags it)."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.train.tracking import NAME_TAG, STORAGE_TAG
+    from pipelines.train.tracking import find_run
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is None:
         return None
-    found = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`{NAME_TAG}` = '{cfg.name}' and tags.`{STORAGE_TAG}` = '{run_dir_of(cfg)}'",
-        max_results=1,
-    )
-    return found[0].info.run_id if found else None
+    found = find_run(client, exp.experiment_id, cfg.name, run_dir_of(cfg))
+    return found.info.run_id if found else None
 
 
 def check_cluster(e: EvalConfig, device: str) -> None:

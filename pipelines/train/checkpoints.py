@@ -15,6 +15,7 @@ with pick="best" to the run's `best/model.pt` (lowest validation loss, kept besi
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
 BEST_DIR = "best"  # a run folder's checkpoint of the lowest validation loss so far (model.pt only)
 LOCAL_CHECKPOINT_PREFIX = "checkpoint_local_"  # what a local-mode run writes into its run folder
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
 FORMAT = 1
 
 
@@ -208,6 +210,18 @@ def _local_checkpoints(run_dir: str | Path) -> list[Path]:
     """A local-mode run's complete checkpoints (both files written), oldest first."""
     found = Path(run_dir).glob(f"{LOCAL_CHECKPOINT_PREFIX}*")
     return sorted(d for d in found if (d / MODEL_FILE).is_file() and (d / STATE_FILE).is_file())
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether a training started on `run_dir` continues from a checkpoint: one registered in Ray Train's record
+    (`checkpoint_manager_snapshot.json`, what TorchTrainer restores from) or a complete local-mode one."""
+    snapshot = Path(run_dir) / RAY_TRAIN_SNAPSHOT
+    try:
+        if json.loads(snapshot.read_text()).get("checkpoint_results"):
+            return True
+    except (OSError, ValueError, AttributeError):  # none yet, or being written: nothing to continue from there
+        pass
+    return bool(_local_checkpoints(run_dir))
 
 
 def latest_local_checkpoint(run_dir: str | Path | None):

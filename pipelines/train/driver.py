@@ -20,6 +20,7 @@ from configs.schema import ConfigError, ExperimentConfig
 from pipelines.paths import absolute_paths
 from pipelines.preprocess.tokens import PART_GLOB
 from pipelines.runtime import ensure_ray
+from pipelines.train.checkpoints import has_checkpoint
 from pipelines.train.dataset import count_split, token_files
 from pipelines.train.loop import train_loop_per_worker
 from pipelines.train.tracking import RunLogger, resolve_tracking_uri, start_or_resume_run
@@ -71,8 +72,10 @@ def run_training(cfg: ExperimentConfig, *, local_mode: bool = False) -> Training
     uri = resolve_tracking_uri(cfg)
     storage = cfg.train.storage_path
     Path(storage).mkdir(parents=True, exist_ok=True)
-    resolved = cfg.dump_yaml(Path(storage) / cfg.name / "config.yaml")
-    run_id = start_or_resume_run(cfg, str(Path(storage) / cfg.name), uri, config_yaml=resolved)
+    run_dir = Path(storage) / cfg.name
+    resume = has_checkpoint(run_dir)  # else a new MLflow run: a deleted run folder starts a new history
+    resolved = cfg.dump_yaml(run_dir / "config.yaml")
+    run_id = start_or_resume_run(cfg, str(run_dir), uri, config_yaml=resolved, resume=resume)
 
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -60,27 +60,45 @@ def experiment_id(cfg: ExperimentConfig, uri: str) -> str:
     return client.create_experiment(cfg.mlflow.experiment, artifact_location=artifact_location)
 
 
+def find_run(client, exp_id: str, name: str, storage: str):
+    """The newest MLflow run tagged with this run name and run folder, or None."""
+    found = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{NAME_TAG}` = '{name}' and tags.`{STORAGE_TAG}` = '{storage}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0] if found else None
+
+
 def start_or_resume_run(
-    cfg: ExperimentConfig, storage: str, uri: str, config_yaml: Path | None = None, tags: dict[str, str] | None = None
+    cfg: ExperimentConfig,
+    storage: str,
+    uri: str,
+    config_yaml: Path | None = None,
+    tags: dict[str, str] | None = None,
+    *,
+    resume: bool = True,
 ) -> str:
     """The run id for `cfg.name` stored under `storage`: the existing one (a restart), else a new run.
 
+    resume: False when the run folder holds nothing to continue from (it was deleted, or the run died before its
+    first checkpoint): then a new MLflow run starts, so that two trainings never share one metric history, and
+    the old run is tagged `simba_ttm.superseded_by` with the new run's id.
     tags: set on a new run besides the name and storage (a sweep's trial: `mlflow.parentRunId`, so the UI nests it).
     """
     client = _client(uri)
     exp_id = experiment_id(cfg, uri)
-    found = client.search_runs(
-        [exp_id],
-        filter_string=f"tags.`{NAME_TAG}` = '{cfg.name}' and tags.`{STORAGE_TAG}` = '{storage}'",
-        max_results=1,
-    )
-    if found:
-        run_id = found[0].info.run_id
+    found = find_run(client, exp_id, cfg.name, storage)
+    if found and resume:
+        run_id = found.info.run_id
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "simba_ttm.resumed_at", time.strftime("%Y-%m-%d %H:%M:%S"))
         return run_id
     run = client.create_run(exp_id, run_name=cfg.name, tags={NAME_TAG: cfg.name, STORAGE_TAG: storage, **(tags or {})})
     run_id = run.info.run_id
+    if found:
+        client.set_tag(found.info.run_id, "simba_ttm.superseded_by", run_id)
     params = {k: str(v)[:6000] for k, v in cfg.flatten().items()} | environment_params()
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):
