@@ -85,8 +85,9 @@ def select_clip(
     """Apply vocal removal, the silence rule and the caption rules to the clips in seeded order.
 
     Args:
-        clips: [(start_seconds, samples (T,) float32 mono at sample_rate), ...] of one track.
-        separate: mono clip -> mono clip with vocals removed (HTDemucs in production).
+        clips: [(start_seconds, samples (T, C) or (T,) float32 at sample_rate), ...] of one track (a `TrackClips`
+            in the pipeline: clips it did not ship are decoded when first read).
+        separate: clip -> mono (T,) clip with vocals removed (HTDemucs on the stereo clip in production).
         captioner: None when captions come later from models: the first `candidates` clips that survive
             separation and silence are returned in `Selection.candidates`, uncaptioned.
     """
