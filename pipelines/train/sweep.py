@@ -220,7 +220,8 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepOutcome:
                 metric=tc.metric,
                 mode=tc.mode,
                 num_samples=tc.num_samples,
-                max_concurrent_trials=tc.max_concurrent_trials or None,
+                # random search: the generator limits itself (see _searcher); optuna: Ray wraps it in a limiter
+                max_concurrent_trials=(tc.max_concurrent_trials or None) if tc.search == "optuna" else None,
                 scheduler=_scheduler(cfg),
                 search_alg=_searcher(cfg),
                 trial_name_creator=lambda trial: f"{TRIAL_PREFIX}{trial.trial_id}",
@@ -263,11 +264,14 @@ def _scheduler(cfg: ExperimentConfig):
 
 
 def _searcher(cfg: ExperimentConfig):
-    """Random samples (and every grid point) drawn from tune.seed, or Optuna's TPE seeded by it."""
+    """Random samples (and every grid point) drawn from tune.seed, or Optuna's TPE seeded by it.
+
+    The random generator limits concurrency itself: Ray ignores TuneConfig.max_concurrent_trials (with a log line
+    only) when the search algorithm is a generator instance, and would run every trial at once."""
     if cfg.tune.search == "random":
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=cfg.tune.seed)
+        return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=cfg.tune.max_concurrent_trials)
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(seed=cfg.tune.seed)

@@ -157,8 +157,8 @@ def test_kill9_of_the_sweep_driver_then_resume(preprocessed, ray_session, tmp_pa
     cfg = _sweep_cfg(preprocessed, tmp_path, "tune.space={train.lr: [grid, 3.0e-3, 2.0e-3, 1.0e-3]}",
                      "tune.scheduler=none", "tune.max_concurrent_trials=1", "name=resumed")  # fmt: skip
     cmd = driver_command("ray_jobs.tune", cfg.dump_yaml(tmp_path / "sweep.yaml"), ray_session)
-    # Tune saves its experiment state at most every 10 s by default ("auto"): these trials take a few seconds, so
-    # all three could end between two saves and there would be nothing left to resume. Save every 0.5 s.
+    # One trial at a time (tune.max_concurrent_trials=1); Tune saves its experiment state at most every 10 s by
+    # default ("auto") and these trials take seconds: save every 0.5 s, so the first trial's end is seen early.
     env = driver_env(TUNE_GLOBAL_CHECKPOINT_S="0.5")
     sweep_dir = tmp_path / "runs" / "resumed"
 
@@ -185,13 +185,22 @@ def test_kill9_of_the_sweep_driver_then_resume(preprocessed, ray_session, tmp_pa
             assert not client.get_metric_history(run.info.run_id, "resumed_from_step")
 
 
+def test_random_search_runs_at_most_max_concurrent_trials():
+    """Ray ignores TuneConfig.max_concurrent_trials for a generator instance: the generator must limit itself (all
+    three trials of the kill -9 test once ran at the same time on CI, although max_concurrent_trials was 1)."""
+    from pipelines.train.sweep import _searcher
+
+    for n in (1, 2, 0):
+        assert _searcher(load_config("tune_debug", [f"tune.max_concurrent_trials={n}"])).max_concurrent == n
+
+
 def test_tune_seed_repeats_the_random_draws():
     from ray.tune.experiment import Experiment
 
     from pipelines.train.sweep import _searcher, search_space
 
     def draws(seed: int) -> list[dict]:
-        cfg = load_config("tune_debug", [f"tune.seed={seed}"])
+        cfg = load_config("tune_debug", [f"tune.seed={seed}", "tune.max_concurrent_trials=0"])  # 3 live at once
         searcher = _searcher(cfg)
         searcher.add_configurations(
             [Experiment("x", lambda c: None, config=search_space(cfg.tune.space), num_samples=3)]
