@@ -50,10 +50,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.generate import MID, N_FRAMES, TEXT_LEN  # noqa: E402
-from bench.train_step import cpu_model, describe, load_average  # noqa: E402
+from bench.train_step import describe, load_average  # noqa: E402
 from configs.schema import ModelConfig  # noqa: E402
 from modeling.builders import build_model  # noqa: E402
-from modeling.compiled import compiled_step  # noqa: E402
+from modeling.compiled import (
+    compiled_step,  # noqa: E402
+    cpu_name,  # noqa: E402
+)
 from modeling.layers import DecodeState, KVCache  # noqa: E402
 from modeling.lm import TextToMusicLM, with_null_condition  # noqa: E402
 from modeling.sampling import cfg_combine, sample_next  # noqa: E402
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = bench_generation(tuple(args.batches), n_positions, steps, warmup)
     load_after = load_average()
 
-    print(f"cpu: {cpu_model()}, {torch.get_num_threads()} threads; load average {load_before} before, "
+    print(f"cpu: {cpu_name()}, {torch.get_num_threads()} threads; load average {load_before} before, "
           f"{load_after} after; {time.perf_counter() - t_start:.0f} s in all")  # fmt: skip
     print("random weights throughout (nothing downloaded): these are costs, not metric values")
     print(f"\nembedders: 10 s clips/s from {SAMPLE_RATE} Hz mono, {args.clips} clips per call, median of {calls} "
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
               f", compile {row['compile_s']:.1f} s (once per process and batch shape)")  # fmt: skip
 
     result = {
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu_name(),
         "threads": torch.get_num_threads(),
         "load_average_before": load_before,
         "load_average_after": load_after,

@@ -50,10 +50,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.train_step import cpu_model, load_average  # noqa: E402
+from bench.train_step import load_average  # noqa: E402
 from configs.schema import ModelConfig  # noqa: E402
 from modeling.builders import build_model  # noqa: E402
-from modeling.compiled import STRATEGIES, STRATEGY_ENV, compiled_step  # noqa: E402
+from modeling.compiled import STRATEGIES, STRATEGY_ENV, compiled_step, cpu_name  # noqa: E402
 from modeling.lm import TextToMusicLM, with_null_condition  # noqa: E402
 
 # Mid-size: a quarter of the paper's width budget, so the recompute baseline stays measurable on 2 cores.
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = load_average()
 
     n_params = sum(p.numel() for p in simba.parameters())
-    print(f"cpu: {cpu_model()}, {torch.get_num_threads()} threads; load average {load_before} before, "
+    print(f"cpu: {cpu_name()}, {torch.get_num_threads()} threads; load average {load_before} before, "
           f"{load_after} after")  # fmt: skip
     print(f"mid-size config: {MID}, SiMBA {n_params / 1e6:.1f}M params, batch 1 + CFG ({ROWS} rows); "
           f"pages: {page_setup()}")  # fmt: skip
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "read_bandwidth_best_gbps": max(bandwidth) / 1e9,
         "weight_bytes_per_token": weight_bytes,
         "state_bytes_per_token": state_bytes,
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu_name(),
         "threads": torch.get_num_threads(),
         "pages": page_setup(),
         "load_average_before": load_before,

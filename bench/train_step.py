@@ -56,7 +56,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import sys
@@ -69,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.schema import ExperimentConfig, ModelConfig, TrainConfig  # noqa: E402
 from modeling.builders import build_model  # noqa: E402
+from modeling.compiled import cpu_name  # noqa: E402
 from modeling.lm import TextToMusicLM  # noqa: E402
 from modeling.summary import forward_flops_per_token  # noqa: E402
 from pipelines.train.optim import autocast_dtype, clip_and_step, make_optimizer  # noqa: E402
@@ -88,20 +88,10 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::ad
 # --------------------------------------------------------------------------------------------------- machine
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
 
 
 def sync(device: torch.device) -> None:
@@ -410,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_flops": peak_flops,
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "device": device_name(device),
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu_name(),
         "threads": torch.get_num_threads(),
         "model": model_kwargs,
         "params": params,

@@ -175,7 +175,8 @@ def choice_cache_file() -> Path | None:
 
 
 @functools.cache
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model name (/proc/cpuinfo), else what `platform` knows; printed with every benchmark figure too."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -188,7 +189,7 @@ def _cpu_name() -> str:
 def _machine_key(model: nn.Module, rows: int, dtype: torch.dtype) -> str:
     """What a timed choice holds for: this CPU and torch, the thread count, the rows, and the model's weight shapes."""
     shapes = hashlib.sha256(repr([(n, tuple(p.shape)) for n, p in model.named_parameters()]).encode()).hexdigest()
-    return f"{_cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {rows} rows | " + (
+    return f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {rows} rows | " + (
         f"{str(dtype).removeprefix('torch.')} | weights {shapes[:16]}"
     )
 
