@@ -53,10 +53,7 @@ from bench.generate import MID, N_FRAMES, TEXT_LEN  # noqa: E402
 from bench.train_step import describe, load_average  # noqa: E402
 from configs.schema import ModelConfig  # noqa: E402
 from modeling.builders import build_model  # noqa: E402
-from modeling.compiled import (
-    compiled_step,  # noqa: E402
-    cpu_name,  # noqa: E402
-)
+from modeling.compiled import compiled_step, cpu_name  # noqa: E402
 from modeling.layers import DecodeState, KVCache  # noqa: E402
 from modeling.lm import TextToMusicLM, with_null_condition  # noqa: E402
 from modeling.sampling import cfg_combine, sample_next  # noqa: E402
