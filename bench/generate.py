@@ -17,9 +17,11 @@ lengths: running it for real would take many minutes).
 A decoding step of this size streams every weight and the SSM state through the CPU once, so its floor is
 set by memory bandwidth. The bench measures the machine's read bandwidth (a sum over a buffer far larger than
 any cache, with the step's thread count) and reports the bandwidth limit fraction: (weight + state bytes
-read per token) / bandwidth / measured step time, 1.0 being a step that only streams its data. The buffer comes
-from the same allocator as the weights, so both see the same page size (printed: with 4 KiB pages a stream
-pays a TLB miss per page; on the 2-core AMD VM here a plain read ran up to 2x faster on huge pages). Weights count
+read per token) / bandwidth / measured step time, 1.0 being a step that only streams its data. The compiled step
+puts its weights and state on 2 MiB pages (`modeling.pages`: with 4 KiB pages a stream pays a TLB miss per page,
+more under a hypervisor), so its bandwidth is read from a buffer on huge pages too: both its speed and its limit
+rise. The same step on a copy of the weights left on 4 KiB pages is measured beside it, against a 4 KiB-page
+buffer, and the ratio of the two is printed (`huge_pages_speedup`). Weights count
 every parameter the step touches (the text projection is prefill-only; the token embedding contributes the
 rows looked up); the state counts once (read); a step also writes it back, which `_rw` counts too. Bandwidth
 and step time are measured alternately in rounds, and the fraction is the median of the per-round fractions.
@@ -38,6 +40,7 @@ depend on the machine, and the load average before and after is printed (others 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -53,8 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.train_step import load_average  # noqa: E402
 from configs.schema import ModelConfig  # noqa: E402
 from modeling.builders import build_model  # noqa: E402
-from modeling.compiled import STRATEGIES, STRATEGY_ENV, compiled_step, cpu_name  # noqa: E402
+from modeling.compiled import STRATEGIES, STRATEGY_ENV, StepFn, compiled_step, cpu_name, state_tensors  # noqa: E402
 from modeling.lm import TextToMusicLM, with_null_condition  # noqa: E402
+from modeling.pages import use_huge_pages  # noqa: E402
 
 # Mid-size: a quarter of the paper's width budget, so the recompute baseline stays measurable on 2 cores.
 MID = dict(d_model=512, n_layers=12, mlp_dim=1024, n_heads=8, d_state=128, headdim=64, chunk_size=256, dropout=0.0)
@@ -108,23 +112,12 @@ def compile_time(model: TextToMusicLM, step) -> float:
     return time.perf_counter() - t0
 
 
-def _tensor_bytes(obj) -> int:
-    """Bytes of every tensor in a (nested) dataclass or list, e.g. a DecodeState."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if dataclasses.is_dataclass(obj):
-        return sum(_tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
-    if isinstance(obj, list | tuple):
-        return sum(_tensor_bytes(x) for x in obj)
-    return 0
-
-
 def step_bytes(model: TextToMusicLM, rows: int) -> tuple[int, int]:
     """(weight bytes, state bytes) one decoding step of `rows` rows reads."""
     skip = {id(p) for p in model.text_proj.parameters()} | {id(model.token_emb.weight)}
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
     weights += rows * model.token_emb.weight[0].numel() * model.token_emb.weight.element_size()
-    return weights, _tensor_bytes(model.allocate_state(rows, 1))
+    return weights, sum(t.numel() * t.element_size() for t in state_tensors(model.allocate_state(rows, 1)))
 
 
 def page_setup() -> str:
@@ -137,29 +130,49 @@ def page_setup() -> str:
     return f"THP {mode}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
 
 
+@dataclasses.dataclass
+class PagedStep:
+    """A compiled step and the read bandwidth it is measured against, with huge pages or without."""
+
+    model: TextToMusicLM
+    step: StepFn
+    huge_pages: bool
+    bandwidth: list[float] = dataclasses.field(default_factory=list)  # bytes/s, per round
+    seconds: list[float] = dataclasses.field(default_factory=list)  # per step, per round
+
+
 @torch.no_grad()
-def bandwidth_rounds(model: TextToMusicLM, step, rounds: int, calls: int = 10) -> tuple[list[float], list[float]]:
-    """Read bandwidth (bytes/s) and seconds per step of `step` at ROWS rows, measured alternately `rounds` times.
+def bandwidth_rounds(variants: list[PagedStep], rounds: int, calls: int = 10) -> None:
+    """Read bandwidth and seconds per step (ROWS rows) of each variant, measured alternately `rounds` times.
 
     Bandwidth is one `sum` over an fp32 buffer of BANDWIDTH_BUFFER_BYTES with torch's threads (a pure read
-    stream). Alternating the two lets a burst of load from another process slow both alike.
+    stream), on the pages its step uses: put on huge pages (`modeling.pages`) for a step that uses them, the
+    allocator's 4 KiB pages otherwise. Alternating lets a burst of load from another process slow all alike.
     """
-    tokens, text, mask = _inputs(model, POSITIONS[0])
-    _, state = model.prefill(tokens, text, mask, max_len=POSITIONS[0] + rounds * calls + 8)
-    token = tokens[:, -1]
-    buffer = torch.ones(BANDWIDTH_BUFFER_BYTES // 4)
-    buffer.sum()  # first touch
-    step(token, state)
-    bandwidth, seconds = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
+    setups = []
+    for variant in variants:
+        tokens, text, mask = _inputs(variant.model, POSITIONS[0])
+        _, state = variant.model.prefill(tokens, text, mask, max_len=POSITIONS[0] + rounds * calls + 8)
+        buffer = torch.ones(BANDWIDTH_BUFFER_BYTES // 4)  # first touch
+        if variant.huge_pages:
+            use_huge_pages([buffer])
         buffer.sum()
-        bandwidth.append(BANDWIDTH_BUFFER_BYTES / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            step(token, state)
-        seconds.append((time.perf_counter() - t0) / calls)
-    return bandwidth, seconds
+        variant.step(tokens[:, -1], state)
+        setups.append((buffer, tokens[:, -1], state))
+    for _ in range(rounds):
+        for variant, (buffer, token, state) in zip(variants, setups, strict=True):
+            t0 = time.perf_counter()
+            buffer.sum()
+            variant.bandwidth.append(BANDWIDTH_BUFFER_BYTES / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                variant.step(token, state)
+            variant.seconds.append((time.perf_counter() - t0) / calls)
+
+
+def limit_fraction(variant: PagedStep, moved: int) -> float:
+    """Median over rounds of (bytes moved / that round's bandwidth) / that round's step time."""
+    return statistics.median(moved / bw / t for bw, t in zip(variant.bandwidth, variant.seconds, strict=True))
 
 
 @torch.no_grad()
@@ -214,17 +227,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     simba = build_model(ModelConfig(arch="simba", **MID)).eval()
     transformer = build_model(ModelConfig(arch="transformer", **MID)).eval()
+    # The same weights in memory that nothing puts on huge pages (copied before anything does): the A/B of pages.
+    simba_small_pages = copy.deepcopy(simba)
 
     fast_step = compiled_step(simba)
     compile_s = compile_time(simba, fast_step)
     # The eager step comes back where inductor cannot build kernels (compiled_step warned why).
     choice = fast_step.choice(ROWS) if hasattr(fast_step, "choice") else None
-    bandwidth, bw_step_s = bandwidth_rounds(simba, fast_step, args.repeats * 2)
+    huge = PagedStep(simba, fast_step, huge_pages=True)
+    small = PagedStep(simba_small_pages, simba_small_pages.step, huge_pages=False)
+    if choice is not None:
+        small.step = compiled_step(simba_small_pages, choice.strategy, huge_pages=False)
+    bandwidth_rounds([huge, small], args.repeats * 2)
     weight_bytes, state_bytes = step_bytes(simba, ROWS)
     rows = {}
     for pos in POSITIONS:
         rows[("simba step", pos)] = step_time(simba, pos, args.repeats * 4)
         rows[("simba step (compiled)", pos)] = step_time(simba, pos, args.repeats * 4, fast_step)
+        rows[("  on 4 KiB pages", pos)] = step_time(simba_small_pages, pos, args.repeats * 4, small.step)
         rows[("transformer kv cache", pos)] = step_time(transformer, pos, args.repeats * 4)
         rows[("simba recompute", pos)] = recompute_time(simba, pos, args.repeats)
 
@@ -240,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mid-size config: {MID}, SiMBA {n_params / 1e6:.1f}M params, batch 1 + CFG ({ROWS} rows); "
           f"pages: {page_setup()}")  # fmt: skip
     print(f"{'path':<24}{'ms/token @' + str(POSITIONS[0]):>16}{'ms/token @' + str(POSITIONS[1]):>16}{'ratio':>8}")
-    for name in ("simba step", "simba step (compiled)", "transformer kv cache", "simba recompute"):
+    for name in ("simba step", "simba step (compiled)", "  on 4 KiB pages", "transformer kv cache", "simba recompute"):
         a, b = rows[(name, POSITIONS[0])], rows[(name, POSITIONS[1])]
         print(f"{name:<24}{a * 1e3:>16.2f}{b * 1e3:>16.2f}{b / a:>8.2f}")
     print(f"compiling the SiMBA step took {compile_s:.1f} s (once per process, model and batch size)")
@@ -252,21 +272,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"compiled step strategy: {strategy} ({reason}{'; ms/step ' + timed if timed else ''})")
     # Bandwidth limit fraction = (bytes / bandwidth) / step time, per alternated round (the machine's bandwidth
     # drifts with other load), median over rounds; and from the best round of each (other load only ever adds
-    # time). The headline counts the state once, as read; a step also writes it back (`_rw`).
+    # time). The headline counts the state once, as read; a step also writes it back (`_rw`). Each step is held
+    # to the bandwidth of its own page size: huge pages raise both the step's speed and its limit.
+    pages = getattr(fast_step, "pages", None)
+    print(f"huge pages for the compiled step's weights and state: {pages or 'not used (not compiled)'}")
     moved = weight_bytes + state_bytes
-    per_round = [moved / bw / t for bw, t in zip(bandwidth, bw_step_s, strict=True)]
-    fraction = statistics.median(per_round)
+    fraction = limit_fraction(huge, moved)
+    fraction_small = limit_fraction(small, moved)
     fraction_rw = fraction * (moved + state_bytes) / moved
-    fraction_best = moved / max(bandwidth) / min(bw_step_s)
-    fraction_eager = moved / statistics.median(bandwidth) / rows[("simba step", POSITIONS[0])]
-    bw = statistics.median(bandwidth)
+    fraction_best = moved / max(huge.bandwidth) / min(huge.seconds)
+    bw, bw_small = statistics.median(huge.bandwidth), statistics.median(small.bandwidth)
+    fraction_eager = moved / bw_small / rows[("simba step", POSITIONS[0])]
+    huge_pages_speedup = statistics.median(s / h for s, h in zip(small.seconds, huge.seconds, strict=True))
     print(f"bandwidth limit: weights {weight_bytes / 1e6:.1f} MB + state {state_bytes / 1e6:.1f} MB per token / "
-          f"read bandwidth {bw / 1e9:.1f} GB/s (median of {len(bandwidth)} rounds; best {max(bandwidth) / 1e9:.1f}) "
-          f"= {moved / bw * 1e3:.2f} ms/token")  # fmt: skip
-    print(f"compiled step {statistics.median(bw_step_s) * 1e3:.2f} ms (median; best {min(bw_step_s) * 1e3:.2f}): "
-          f"bandwidth_limit_fraction {fraction:.2f} (median of rounds; target >= {TARGET_FRACTION}), "
-          f"{fraction_rw:.2f} counting the state's write-back too, {fraction_best:.2f} from the best rounds; "
-          f"eager step {fraction_eager:.2f}")  # fmt: skip
+          f"read bandwidth on huge pages {bw / 1e9:.1f} GB/s (median of {len(huge.bandwidth)} rounds; best "
+          f"{max(huge.bandwidth) / 1e9:.1f}) = {moved / bw * 1e3:.2f} ms/token; on 4 KiB pages "
+          f"{bw_small / 1e9:.1f} GB/s = {moved / bw_small * 1e3:.2f} ms/token")  # fmt: skip
+    step_ms = statistics.median(huge.seconds) * 1e3
+    print(f"compiled step {step_ms:.2f} ms (median; best {min(huge.seconds) * 1e3:.2f}): bandwidth_limit_fraction "
+          f"{fraction:.2f} (median of rounds; target >= {TARGET_FRACTION}), {fraction_rw:.2f} counting the state's "
+          f"write-back too, {fraction_best:.2f} from the best rounds")  # fmt: skip
+    print(f"on 4 KiB pages: compiled step {statistics.median(small.seconds) * 1e3:.2f} ms, fraction "
+          f"{fraction_small:.2f} of its own limit; huge pages make the step {huge_pages_speedup:.2f}x faster "
+          f"(median of per-round ratios); eager step {fraction_eager:.2f}")  # fmt: skip
     print(f"generate {N_FRAMES} frames: SiMBA compiled step {gen_compiled:.1f} s, eager step {gen_simba:.1f} s "
           f"(measured), recompute {gen_recompute:.1f} s (integrated from measured forwards)")  # fmt: skip
     if baseline_ratio is not None:
@@ -292,8 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth_limit_fraction_rw": fraction_rw,
         "bandwidth_limit_fraction_best": fraction_best,
         "bandwidth_limit_fraction_eager": fraction_eager,
+        "bandwidth_limit_fraction_small_pages": fraction_small,
+        "huge_pages_speedup": huge_pages_speedup,
+        "huge_pages": str(pages),
         "read_bandwidth_gbps": bw / 1e9,
-        "read_bandwidth_best_gbps": max(bandwidth) / 1e9,
+        "read_bandwidth_best_gbps": max(huge.bandwidth) / 1e9,
+        "read_bandwidth_small_pages_gbps": bw_small / 1e9,
         "weight_bytes_per_token": weight_bytes,
         "state_bytes_per_token": state_bytes,
         "cpu_model": cpu_name(),

@@ -26,9 +26,11 @@ from modeling.compiled import (
     choice_cache_file,
     compiled_step,
     cpu_compile_problem,
+    state_tensors,
     supports_compiled_step,
 )
 from modeling.lm import with_null_condition
+from modeling.pages import huge_page_problem
 from tests.conftest import random_text, tiny_model
 
 VOCAB = 1025
@@ -159,6 +161,39 @@ def test_strategy_from_argument_environment_or_auto(simba, monkeypatch):
         compiled_step(simba)
     with pytest.raises(ValueError, match="valid: auto, reduce, gemm"):
         compiled_step(tiny_model("transformer"), "mkl")  # rejected on models that would not compile, too
+
+
+@needs_compiler
+@torch.no_grad()
+def test_weights_and_each_new_state_go_onto_huge_pages_and_results_stay(simba, batch, monkeypatch):
+    """Once per state (a generation), not per step; the logits equal the eager step's."""
+    import modeling.compiled
+    import modeling.pages
+
+    monkeypatch.setattr(modeling.pages, "MIN_TENSOR_BYTES", 0)  # the tiny model's tensors count too
+    calls = []
+
+    def counting(tensors):
+        tensors = list(tensors)
+        calls.append(len(tensors))
+        return modeling.pages.use_huge_pages(tensors)
+
+    monkeypatch.setattr(modeling.compiled, "use_huge_pages", counting)
+    tokens, text, mask = batch
+    step = compiled_step(simba, "reduce")
+    n_tensors = len(list(simba.parameters())) + len(state_tensors(simba.allocate_state(4, T)))
+    for _ in range(2):  # two generations
+        _, eager_state = simba.prefill(tokens[:, :1], text, mask, max_len=T)
+        _, fast_state = simba.prefill(tokens[:, :1], text, mask, max_len=T)
+        for t in range(1, 4):
+            assert torch.allclose(step(tokens[:, t], fast_state), simba.step(tokens[:, t], eager_state), atol=1e-4)
+    assert calls == [n_tensors, n_tensors]
+    print(step.pages)
+    if huge_page_problem() is None:
+        assert step.pages.collapsed > 0, step.pages
+    off = compiled_step(simba, "reduce", huge_pages=False)
+    off(tokens[:, 1], simba.prefill(tokens[:, :1], text, mask, max_len=T)[1])
+    assert off.pages is None and len(calls) == 2
 
 
 @needs_compiler
