@@ -17,9 +17,9 @@ Which is faster is a property of the machine, so by default (`auto`) the first c
 compiles both, times them on a copy of the caller's state, and keeps the faster; the choice is cached per
 model, batch shape and thread count, and in a small JSON file (`choice_cache_file()`: by default
 `~/.cache/simba-ttm/decode_strategy.json`, `SIMBA_DECODE_STRATEGY_CACHE=FILE` moves it, `=off` disables it)
-keyed by the CPU model, torch version, thread count, rows, dtype and the model's weight shapes, so later
-processes on the machine (every Ray generation task of an evaluation is one) compile only the winner. Delete
-the file to time again. `strategy=` or the `SIMBA_DECODE_STRATEGY` environment variable
+keyed by the CPU model, torch version, thread count, rows, dtype, the model's weight shapes and the page size
+(below), so later processes on the machine (every Ray generation task of an evaluation is one) compile only
+the winner. Delete the file to time again. `strategy=` or the `SIMBA_DECODE_STRATEGY` environment variable
 (`auto | reduce | gemm`) forces one, for tests and for machines where the timing is known. With more than
 `SMALL_ROWS` rows (batch > 4 with CFG) both strategies are gemm, so nothing is timed.
 
@@ -62,7 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from modeling.layers import DecodeState, SelfAttention
-from modeling.pages import HugePages, use_huge_pages
+from modeling.pages import HugePages, huge_page_problem, use_huge_pages
 
 # Products with this many rows or fewer (batch x 2 for CFG) are written as reductions under `reduce`.
 SMALL_ROWS = 8
@@ -97,7 +97,7 @@ class StrategyChoice:
     ms_per_step: dict[str, float] = field(default_factory=dict)  # best round per strategy (when timed)
 
 
-# model -> {(rows, device, dtype, threads): choice}; weak, so a dropped model takes its choices with it.
+# model -> {(rows, device, dtype, threads, pages): choice}; weak, so a dropped model takes its choices with it.
 _CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, StrategyChoice]] = weakref.WeakKeyDictionary()
 
 
@@ -204,11 +204,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _machine_key(model: nn.Module, rows: int, dtype: torch.dtype) -> str:
-    """What a timed choice holds for: this CPU and torch, the thread count, the rows, and the model's weight shapes."""
+def _machine_key(model: nn.Module, rows: int, dtype: torch.dtype, pages: str) -> str:
+    """What a timed choice holds for: this CPU and torch, the thread count, the rows, the model's weight shapes and
+    the page size its memory is on."""
     shapes = hashlib.sha256(repr([(n, tuple(p.shape)) for n, p in model.named_parameters()]).encode()).hexdigest()
     return f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {rows} rows | " + (
-        f"{str(dtype).removeprefix('torch.')} | weights {shapes[:16]}"
+        f"{str(dtype).removeprefix('torch.')} | weights {shapes[:16]} | {pages}"
     )
 
 
@@ -257,6 +258,8 @@ class CompiledStep:
     def __init__(self, model: nn.Module, strategy: str | None = None, huge_pages: bool = True):
         self.model = model
         self.huge_pages = huge_pages
+        # The page size of the step's memory on the CPU: part of what makes one strategy faster than the other.
+        self.page_size = "2 MiB pages" if huge_pages and huge_page_problem() is None else "4 KiB pages"
         self.requested, self._source = _requested_strategy(strategy)
         # Dynamo keeps compiled code on TextToMusicLM.step's code object, guarded by the backend and the input
         # shapes (parameters are graph inputs), so new wrappers, and other models of the same shapes, reuse it.
@@ -268,11 +271,11 @@ class CompiledStep:
         self.pages: HugePages | None = None
 
     def _key(self, tokens: Tensor) -> tuple:
-        return tokens.shape[0], tokens.device, self.model.head.weight.dtype, torch.get_num_threads()
+        return tokens.shape[0], tokens.device, self.model.head.weight.dtype, torch.get_num_threads(), self.page_size
 
     def choice(self, rows: int, device: torch.device | str = "cpu") -> StrategyChoice | None:
         """The strategy used for `rows` rows on `device` at the current thread count (None: not called yet)."""
-        key = (rows, torch.device(device), self.model.head.weight.dtype, torch.get_num_threads())
+        key = (rows, torch.device(device), self.model.head.weight.dtype, torch.get_num_threads(), self.page_size)
         return (self._forced if self.requested != "auto" else _CHOICES.get(self.model, {})).get(key)
 
     def __call__(self, tokens: Tensor, state: DecodeState) -> Tensor:
@@ -297,7 +300,7 @@ class CompiledStep:
         if tokens.shape[0] > SMALL_ROWS:
             return StrategyChoice("gemm", f"{tokens.shape[0]} rows > SMALL_ROWS={SMALL_ROWS}: gemm either way")
         file = choice_cache_file()
-        key = _machine_key(self.model, tokens.shape[0], self.model.head.weight.dtype)
+        key = _machine_key(self.model, tokens.shape[0], self.model.head.weight.dtype, self.page_size)
         kept = _read_choices(file).get(key) if file else None
         if isinstance(kept, dict) and kept.get("strategy") in STRATEGIES:
             return StrategyChoice(

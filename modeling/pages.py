@@ -70,6 +70,11 @@ def huge_page_problem() -> str | None:
     """Why huge pages cannot be used in this process (not Linux, THP off, turned off by us), or None."""
     if os.environ.get(HUGE_PAGES_ENV, "").strip().lower() in ("off", "0", "false", "no"):
         return f"turned off by {HUGE_PAGES_ENV}"
+    return _machine_problem()
+
+
+@functools.cache  # a property of the machine
+def _machine_problem() -> str | None:
     if not sys.platform.startswith("linux"):
         return f"transparent huge pages are Linux-only (this is {sys.platform})"
     try:

@@ -123,6 +123,10 @@ def test_auto_times_both_strategies_once_and_keeps_the_faster(simba, batch):
     kept = other.choice(4)
     assert kept.reason == f"timed earlier on this machine ({choice_cache_file()})"
     assert (kept.strategy, kept.ms_per_step) == (choice.strategy, choice.ms_per_step)
+    # A choice timed on huge pages does not hold for 4 KiB pages (where the machine has huge pages at all).
+    small_pages = compiled_step(twin, "auto", huge_pages=False)
+    small_pages(tokens[:, 2], twin_state)
+    assert small_pages.choice(4).reason == ("timed" if huge_page_problem() is None else kept.reason)
 
 
 def test_the_choice_cache_file_is_configurable_and_survives_a_broken_file(simba, tmp_path, monkeypatch):
