@@ -15,7 +15,8 @@ the values, so these numbers are not the metrics' but their cost):
 (b) generation frames/s for evaluation at batch 1, 8 and 32 captions, with classifier-free guidance (2 rows
     per caption), top-k 250, at bench/generate.py's mid size: SiMBA with the eager step and with the compiled
     step (`modeling.compiled`, its weight-product strategy chosen as generation chooses it), and the Cross
-    Transformer with its KV cache. Each path runs the generation loop (step, CFG combine, top-k sampling) for
+    Transformer with its KV cache, all with their weights and states on huge pages as `generate` puts them
+    (`modeling.pages`). Each path runs the generation loop (step, CFG combine, top-k sampling) for
     a window of steps at positions spread over the clip; the time for 862 frames is the trapezoid integral
     of the per-step medians over those positions (exact for a cost linear in the position, as attention's
     is; SiMBA's is flat). Positions past 0 are reached by advancing the state's counters (the KV cache's
@@ -54,8 +55,9 @@ from bench.train_step import describe, load_average  # noqa: E402
 from configs.schema import ModelConfig  # noqa: E402
 from modeling.builders import build_model  # noqa: E402
 from modeling.compiled import compiled_step, cpu_name  # noqa: E402
-from modeling.layers import DecodeState, KVCache  # noqa: E402
+from modeling.layers import DecodeState, KVCache, state_tensors  # noqa: E402
 from modeling.lm import TextToMusicLM, with_null_condition  # noqa: E402
+from modeling.pages import use_huge_pages  # noqa: E402
 from modeling.sampling import cfg_combine, sample_next  # noqa: E402
 
 SAMPLE_RATE = 44_100  # DAC's rate: what generation writes and the embedders resample from
@@ -169,7 +171,10 @@ def advance(state: DecodeState, positions: int) -> None:
 
 @torch.no_grad()
 def decode_seconds(step, state: DecodeState, captions: int, steps: int, warmup: int, seed: int = 0) -> float:
-    """Median seconds per frame of the generation loop (step, CFG combine, top-k sampling) on `state`."""
+    """Median seconds per frame of the generation loop (step, CFG combine, top-k sampling) on `state`.
+
+    The state goes onto huge pages first, as `generate` puts it (every path alike: a fair comparison)."""
+    use_huge_pages(state_tensors(state))
     generator = torch.Generator().manual_seed(seed)
     tok = torch.zeros(2 * captions, dtype=torch.long)
     seconds = []
@@ -210,10 +215,11 @@ def bench_generation(batches: tuple[int, ...], n_positions: int, steps: int, war
     torch.manual_seed(0)
     models = {arch: build_model(ModelConfig(arch=arch, **MID)).eval() for arch in ("simba", "transformer")}
     simba, transformer = models["simba"], models["transformer"]
+    pages = use_huge_pages(p for model in models.values() for p in model.parameters())  # as `generate` does
     fast = compiled_step(simba)
     positions = [round(i * (N_FRAMES - 1) / (n_positions - 1)) for i in range(n_positions)]
     max_len = N_FRAMES + warmup + steps + 1
-    out = {"positions": positions, "batches": {}}
+    out = {"positions": positions, "batches": {}, "weight_pages": str(pages)}
     for captions in batches:
         # Compile (and with `auto`, time both strategies) for this batch shape, outside the measurement.
         t0 = time.perf_counter()
@@ -286,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{params['transformer'] / 1e6:.1f}M parameters")  # fmt: skip
     print(f"frames/s = captions x {N_FRAMES} / time for {N_FRAMES} frames, integrated from per-step medians "
           f"({steps} steps) at positions {gen['positions']}; ms/step at the first and last position")  # fmt: skip
+    print(f"every path's weights and states on huge pages, as generation puts them (weights: {gen['weight_pages']})")
     header = f"{'batch':>5}  " + "".join(f"{path + ' fr/s':>22}" for path in PATHS)
     print(header + f"{'compiled/tr':>13}{'eager/tr':>10}")
     for captions, row in gen["batches"].items():

@@ -56,7 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.train_step import load_average  # noqa: E402
 from configs.schema import ModelConfig  # noqa: E402
 from modeling.builders import build_model  # noqa: E402
-from modeling.compiled import STRATEGIES, STRATEGY_ENV, StepFn, compiled_step, cpu_name, state_tensors  # noqa: E402
+from modeling.compiled import STRATEGIES, STRATEGY_ENV, StepFn, compiled_step, cpu_name  # noqa: E402
+from modeling.layers import state_tensors  # noqa: E402
 from modeling.lm import TextToMusicLM, with_null_condition  # noqa: E402
 from modeling.pages import use_huge_pages  # noqa: E402
 

@@ -42,7 +42,6 @@ dependency points one way, lm -> compiled -> layers.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import hashlib
 import json
@@ -61,7 +60,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from modeling.layers import DecodeState, SelfAttention
+from modeling.layers import DecodeState, SelfAttention, state_tensors
 from modeling.pages import HugePages, huge_page_problem, use_huge_pages
 
 # Products with this many rows or fewer (batch x 2 for CFG) are written as reductions under `reduce`.
@@ -99,17 +98,6 @@ class StrategyChoice:
 
 # model -> {(rows, device, dtype, threads, pages): choice}; weak, so a dropped model takes its choices with it.
 _CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, StrategyChoice]] = weakref.WeakKeyDictionary()
-
-
-def state_tensors(obj) -> list[Tensor]:
-    """Every tensor of a (nested) dataclass, list or tuple, e.g. a DecodeState."""
-    if isinstance(obj, Tensor):
-        return [obj]
-    if dataclasses.is_dataclass(obj):
-        return [t for f in dataclasses.fields(obj) for t in state_tensors(getattr(obj, f.name))]
-    if isinstance(obj, list | tuple):
-        return [t for x in obj for t in state_tensors(x)]
-    return []
 
 
 def _rows_times(a: Tensor, b: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ cross-attention sublayer. Every mixer speaks the same small protocol:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -190,6 +191,17 @@ class DecodeState:
 
     layers: list[LayerCache]
     next_pos: Tensor  # (B,) position of the next token in the model's positional encoding
+
+
+def state_tensors(obj) -> list[Tensor]:
+    """Every tensor of a (nested) dataclass, list or tuple: a DecodeState's caches, for what walks its memory."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if dataclasses.is_dataclass(obj):
+        return [t for f in dataclasses.fields(obj) for t in state_tensors(getattr(obj, f.name))]
+    if isinstance(obj, list | tuple):
+        return [t for x in obj for t in state_tensors(x)]
+    return []
 
 
 @dataclass

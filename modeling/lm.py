@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modeling.compiled import compiled_step
-from modeling.layers import DecodeState, RMSNorm
+from modeling.layers import DecodeState, RMSNorm, state_tensors
+from modeling.pages import use_huge_pages
 from modeling.sampling import cfg_combine, sample_next
 
 
@@ -165,7 +166,8 @@ class TextToMusicLM(nn.Module):
         (Transformer). With cfg_scale != 1 the conditional and unconditional streams run as one batch.
         `use_cache=False` recomputes the whole sequence for every token (the paper code's method; kept as
         the reference and benchmark baseline). `compile=True` decodes with `modeling.compiled.compiled_step`
-        (attention-free SiMBA; the first call per model and batch size pays the compilation).
+        (attention-free SiMBA; the first call per model and batch size pays the compilation). On the CPU the
+        weights and the decoding state go onto huge pages first (`modeling.pages`; `SIMBA_HUGE_PAGES=off`).
 
         Returns:
             (B, n_frames) long tokens in [0, pad_id).
@@ -199,6 +201,8 @@ class TextToMusicLM(nn.Module):
                 if compile:
                     step = compiled_step(self)
                 logits, state = self.prefill(seq, text, text_mask, max_len=n_frames + 1)
+                # Every step streams all weights and the whole state: 2 MiB pages spare a TLB miss per 4 KiB.
+                use_huge_pages([*self.parameters(), *state_tensors(state)])
                 for i in range(n_frames):
                     tok = next_token(logits)
                     out.append(tok[:B])

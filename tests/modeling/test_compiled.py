@@ -26,9 +26,9 @@ from modeling.compiled import (
     choice_cache_file,
     compiled_step,
     cpu_compile_problem,
-    state_tensors,
     supports_compiled_step,
 )
+from modeling.layers import state_tensors
 from modeling.lm import with_null_condition
 from modeling.pages import huge_page_problem
 from tests.conftest import random_text, tiny_model

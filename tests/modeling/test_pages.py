@@ -2,7 +2,8 @@
 in place, values unchanged, and left alone where they cannot or should not be.
 
 The compiled step's use of them (weights + each new state, results equal to the eager step) is tested in
-test_compiled.py. Whether they make a step faster is bench/generate.py's business (`huge_pages_speedup`).
+test_compiled.py, generation's here. Whether they make a step faster is bench/generate.py's business
+(`huge_pages_speedup`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from modeling.pages import HUGE_PAGE_BYTES, HUGE_PAGES_ENV, huge_page_problem, use_huge_pages
+from tests.conftest import random_text, tiny_model
 
 KPF_THP = 22  # /proc/kpageflags bit of a page that belongs to a transparent huge page
 
@@ -80,3 +82,30 @@ def test_small_meta_and_switched_off_tensors_are_left_alone(monkeypatch):
     report = use_huge_pages([torch.ones(HUGE_PAGE_BYTES)])
     assert report.collapsed == 0 and report.regions >= 4
     assert HUGE_PAGES_ENV in report.reason and HUGE_PAGES_ENV in str(report)
+
+
+@pytest.mark.parametrize("arch", ["simba", "transformer"])
+def test_generation_puts_weights_and_state_on_huge_pages_and_samples_the_same(arch, monkeypatch):
+    import modeling.lm
+    import modeling.pages
+
+    monkeypatch.setattr(modeling.pages, "MIN_TENSOR_BYTES", 0)  # the tiny model's tensors count too
+    reports = []
+
+    def recording(tensors):
+        reports.append(use_huge_pages(list(tensors)))
+        return reports[-1]
+
+    monkeypatch.setattr(modeling.lm, "use_huge_pages", recording)
+    model = tiny_model(arch)
+    text, mask = random_text([3, 5], seed=2)
+    opts = dict(n_frames=8, top_k=50, cfg_scale=3.0, seed=5)
+    on_huge_pages = model.generate(text, mask, **opts)
+    (report,) = reports
+    print(report)
+    assert report.regions > 0
+    if huge_page_problem() is None:
+        assert report.collapsed > 0, report
+    monkeypatch.setenv(HUGE_PAGES_ENV, "off")
+    assert torch.equal(model.generate(text, mask, **opts), on_huge_pages)
+    assert reports[-1].collapsed == 0
