@@ -169,6 +169,16 @@ def rank_rows(
     return mine
 
 
+def describe_splits(tokens_dir: str | Path, train: TokenSplit, val: TokenSplit | None) -> str:
+    """One line for the training log: rows per split, and the duplicate rows the readers left out (if any)."""
+    line = f"tokens {tokens_dir}: {len(train)} train rows, " + (
+        f"{len(val)} val rows" if val is not None else "val not read"
+    )
+    if train.duplicates:  # every split's reader passes over all parts, so each counts every duplicate
+        line += f"; {train.duplicates} duplicate row(s) left out (token parts written twice for the same tracks)"
+    return line
+
+
 class EpochBatches:
     """Micro-batches of one worker's share of a split, epoch by epoch (see the module docstring)."""
 

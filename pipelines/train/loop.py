@@ -36,7 +36,7 @@ from pipelines.train.checkpoints import (
     save_checkpoint,
     save_model,
 )
-from pipelines.train.dataset import EpochBatches, TokenSplit, collate
+from pipelines.train.dataset import EpochBatches, TokenSplit, collate, describe_splits
 from pipelines.train.distributed import replica_spread, shard_overlap
 from pipelines.train.ema import EMA
 from pipelines.train.optim import autocast_dtype, clip_and_step, make_optimizer
@@ -134,10 +134,12 @@ class TrainRecipe:
         shard = dict(rank=self.rank, world=self.world)
         train_split = TokenSplit.read(cfg.data.tokens_dir, "train", **read)
         self.train_batches = EpochBatches(train_split, t.batch_size, seed=t.seed, **shard)
-        self.val_batches = None
+        self.val_batches, val_split = None, None
         if t.val_every > 0:
             val_split = TokenSplit.read(cfg.data.tokens_dir, "val", **read)
             self.val_batches = EpochBatches(val_split, t.batch_size, shuffle=False, drop_last=False, **shard)
+        if self.rank == 0:
+            say(describe_splits(cfg.data.tokens_dir, train_split, val_split))
         # Rows this worker consumed in the current epoch (those before a resume included): checked for overlap
         # between workers at every checkpoint.
         done = self.state.batches_in_epoch * t.batch_size

@@ -22,7 +22,7 @@ from pipelines.preprocess.tokens import (
     read_tokens,
     unique_rows,
 )
-from pipelines.train.dataset import TokenSplit, count_split
+from pipelines.train.dataset import TokenSplit, count_split, describe_splits
 
 SPLIT = SplitRule("hash", val_fraction=0.5, seed=0)
 
@@ -138,6 +138,9 @@ def test_rows_written_twice_under_other_batching_are_read_once_and_counted(tmp_p
     ids = [t for s in splits for t in s.track_ids]
     assert sorted(ids) == sorted(tokens.column("track_id").to_pylist())
     assert sum(s.duplicates for s in splits) == 2  # each split's reader passes over the one duplicate row
+    assert describe_splits("T", *splits).endswith(
+        ", 1 val rows; 1 duplicate row(s) left out (token parts written twice for the same tracks)"
+    )
     assert count_split(tmp_path / "tokens", "train") + count_split(tmp_path / "tokens", "val") == 3
 
 
