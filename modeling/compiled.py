@@ -29,8 +29,10 @@ Both match the eager step to fp32 rounding (tested), and `bench/generate.py` mea
 
 A step streams all weights and the whole recurrent state, so on the CPU it also asks the kernel to back their
 memory with 2 MiB pages (`modeling.pages.use_huge_pages`, in place: once for the weights and again for each new
-decoding state, i.e. once per generation). On the AMD machines here that took the mid-size step from ~6.5 to
-~4.5 ms; results are unchanged (tested), and `SIMBA_HUGE_PAGES=off` or `huge_pages=False` keep 4 KiB pages.
+decoding state, i.e. once per generation). On the AMD machines here that made the mid-size step 1.2-1.3x
+faster (bench/generate.py, side by side); results are unchanged (tested), and `SIMBA_HUGE_PAGES=off` or
+`huge_pages=False` keep 4 KiB pages.
+
 Only decoders whose step has fixed shapes are compiled: attention layers grow their KV cache every token,
 which would recompile every step, so models with attention fall back to the eager step (with a warning).
 
