@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from modeling import pages
+
 
 def sinusoidal_embedding(positions: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     """Sinusoidal position embedding (cos | sin halves, as audiocraft).
@@ -116,9 +118,9 @@ class SelfAttention(nn.Module):
         dim = self.qkv.in_features
         shape = (batch_size, self.n_heads, max_len, dim // self.n_heads)
         dtype = dtype or self.qkv.weight.dtype
-        return KVCache(
-            k=torch.zeros(shape, device=device, dtype=dtype),
-            v=torch.zeros(shape, device=device, dtype=dtype),
+        return KVCache(  # streamed every step: on huge pages on the CPU
+            k=pages.zeros(shape, device=device, dtype=dtype),
+            v=pages.zeros(shape, device=device, dtype=dtype),
             key_mask=torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
         )
 

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from modeling import pages
+
 logger = logging.getLogger(__name__)
 
 # mamba_ssm needs CUDA and Triton; on a CPU box its import fails in several ways (ImportError, OSError from
@@ -535,7 +537,8 @@ class Mamba2(nn.Module):
         device: torch.device | str | None = None,
         ssm_dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Zero decoding states; their size does not depend on max_seqlen (kept for mamba_ssm's signature).
+        """Zero decoding states (on huge pages on the CPU: `modeling.pages.zeros`); their size does not depend on
+        max_seqlen (kept for mamba_ssm's signature).
 
         Args:
             batch_size: B.
@@ -548,10 +551,10 @@ class Mamba2(nn.Module):
         """
         weight = self.conv1d.weight
         device = weight.device if device is None else device
-        conv_state = torch.zeros(
+        conv_state = pages.zeros(
             batch_size, self.conv_dim, self.d_conv, device=device, dtype=weight.dtype if dtype is None else dtype
         )
         if ssm_dtype is None:
             ssm_dtype = torch.promote_types(weight.dtype, torch.float32)
-        ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=ssm_dtype)
+        ssm_state = pages.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=ssm_dtype)
         return conv_state, ssm_state

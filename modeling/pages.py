@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 HUGE_PAGE_BYTES = 2 << 20  # the PMD size with 4 KiB base pages (x86-64; arm64 with 4 KiB pages)
@@ -140,3 +141,26 @@ def use_huge_pages(tensors: Iterable[Tensor]) -> HugePages:
     if failures == {"EINVAL"} and not collapsed:  # khugepaged may still collapse the regions, later
         reason += " (MADV_COLLAPSE needs Linux 6.1+)"
     return HugePages(len(regions), collapsed, reason, seconds)
+
+
+def zeros(*size, dtype: torch.dtype | None = None, device=None) -> Tensor:
+    """`torch.zeros`, on huge pages from the first touch where it can be (a CPU tensor of a huge page or more).
+
+    Decoding states are allocated per generation and streamed every step. Such a tensor gets an anonymous mapping of
+    its own, advised `MADV_HUGEPAGE` before anything touches it: the kernel then faults 2 MiB pages straight in,
+    already zero. Collapsing 4 KiB pages afterwards (`use_huge_pages`) copies every region instead: ~2.5 s per GiB
+    on the AMD VMs here, against ~0.06 s this way. (Memory from the C allocator is no good for this: it may reuse
+    pages that were touched before.) The mapping is unmapped when the tensor's storage is freed.
+    """
+    dtype = dtype or torch.get_default_dtype()
+    shape = torch.Size(size[0] if len(size) == 1 and not isinstance(size[0], int) else size)
+    nbytes = shape.numel() * dtype.itemsize
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if not on_cpu or nbytes < HUGE_PAGE_BYTES or huge_page_problem() is not None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # Private anonymous memory (Python's default for fileno -1 is shared, i.e. shmem), with room to start on 2 MiB.
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(mapping, dtype=torch.uint8)  # its storage keeps the mapping alive
+    offset = -raw.data_ptr() % HUGE_PAGE_BYTES
+    _madvise()(raw.data_ptr() + offset, -(-nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES, MADV_HUGEPAGE)
+    return raw[offset : offset + nbytes].view(dtype).view(shape)

@@ -1,5 +1,5 @@
 """Huge pages for decoding tensors (modeling/pages.py): really backed by 2 MiB pages (read back from /proc),
-in place, values unchanged, and left alone where they cannot or should not be.
+in place, values unchanged, and left alone where they cannot or should not be; states allocated on them.
 
 The compiled step's use of them (weights + each new state, results equal to the eager step) is tested in
 test_compiled.py, generation's here. Whether they make a step faster is bench/generate.py's business
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling.pages import HUGE_PAGE_BYTES, HUGE_PAGES_ENV, huge_page_problem, use_huge_pages
+from modeling.pages import HUGE_PAGE_BYTES, HUGE_PAGES_ENV, huge_page_problem, use_huge_pages, zeros
 from tests.conftest import random_text, tiny_model
 
 KPF_THP = 22  # /proc/kpageflags bit of a page that belongs to a transparent huge page
@@ -31,8 +31,8 @@ def anon_huge_bytes() -> int:
 
 def thp_share(tensor: torch.Tensor) -> float | None:
     """Share of the tensor's 4 KiB pages that belong to huge pages (pagemap + kpageflags; None: not readable)."""
-    start = tensor.untyped_storage().data_ptr()
-    end = start + tensor.untyped_storage().nbytes()
+    start = tensor.data_ptr()  # a contiguous tensor's own bytes (its storage may be larger)
+    end = start + tensor.numel() * tensor.element_size()
     pages = range(-(-start // 4096), end // 4096)  # whole pages inside the tensor
     try:
         with open("/proc/self/pagemap", "rb") as pagemap, open("/proc/kpageflags", "rb") as kpageflags:
@@ -74,6 +74,25 @@ def test_a_tensor_goes_onto_huge_pages_in_place_with_its_values():
         assert share > 0.6  # at least the 4 inner regions of 6
     assert use_huge_pages([tensor]).collapsed == report.collapsed  # again: nothing changes, nothing breaks
     assert torch.equal(tensor, before)
+
+
+def test_zeros_are_faulted_in_on_huge_pages_so_no_collapse_copies_them():
+    before = anon_huge_bytes()
+    tensor = zeros(20, HUGE_PAGE_BYTES // 4)  # 40 MiB
+    assert tensor.shape == (20, HUGE_PAGE_BYTES // 4) and tensor.dtype == torch.float32 and not tensor.any()
+    tensor += 1.0  # the first writes fault its pages in (as a prefill writes a decoding state)
+    assert torch.equal(tensor, torch.ones(20, HUGE_PAGE_BYTES // 4))
+    if huge_page_problem() is not None:
+        pytest.skip(f"no huge pages here: {huge_page_problem()}")
+    gained = anon_huge_bytes() - before
+    share = thp_share(tensor)
+    print(f"huge pages gained {gained >> 20} MiB; share of the tensor's pages (kpageflags): {share}")
+    assert gained >= 20 * HUGE_PAGE_BYTES  # every region, without any MADV_COLLAPSE
+    if share is not None:
+        assert share == 1.0
+    assert use_huge_pages([tensor]).seconds < 0.05  # nothing left to copy
+    assert zeros(3, device="meta").shape == (3,) and not zeros(5).any()  # not CPU, or small: plain zeros
+    assert zeros((2, 3), dtype=torch.int64).dtype == torch.int64
 
 
 def test_small_meta_and_switched_off_tensors_are_left_alone(monkeypatch):
