@@ -41,6 +41,7 @@ depend on the machine, and the load average before and after is printed (others 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -60,7 +61,7 @@ from modeling.builders import build_model  # noqa: E402
 from modeling.compiled import STRATEGIES, STRATEGY_ENV, StepFn, compiled_step, cpu_name  # noqa: E402
 from modeling.layers import state_tensors  # noqa: E402
 from modeling.lm import TextToMusicLM, with_null_condition  # noqa: E402
-from modeling.pages import use_huge_pages  # noqa: E402
+from modeling.pages import huge_pages_off, use_huge_pages  # noqa: E402
 
 # Mid-size: a quarter of the paper's width budget, so the recompute baseline stays measurable on 2 cores.
 MID = dict(d_model=512, n_layers=12, mlp_dim=1024, n_heads=8, d_state=128, headdim=64, chunk_size=256, dropout=0.0)
@@ -95,11 +96,13 @@ def _inputs(model: TextToMusicLM, length: int, seed: int = 0):
 
 
 @torch.no_grad()
-def step_time(model: TextToMusicLM, position: int, repeats: int, step=None) -> float:
-    """Seconds for one cached decoding step after `position` tokens (`step`: default model.step)."""
+def step_time(model: TextToMusicLM, position: int, repeats: int, step=None, huge_pages: bool = True) -> float:
+    """Seconds for one cached decoding step after `position` tokens (`step`: default model.step), with the state
+    on huge pages as generation allocates it, or (`huge_pages=False`) on 4 KiB pages."""
     step = step or model.step
     tokens, text, mask = _inputs(model, position)
-    _, state = model.prefill(tokens, text, mask, max_len=position + repeats + 8)
+    with contextlib.nullcontext() if huge_pages else huge_pages_off():
+        _, state = model.prefill(tokens, text, mask, max_len=position + repeats + 8)
     token = tokens[:, -1]
     # Each call advances the state by one position: fine for timing (a few positions past `position`).
     return _median_time(lambda: step(token, state), repeats)
@@ -155,7 +158,8 @@ def bandwidth_rounds(variants: list[PagedStep], rounds: int, calls: int = 10) ->
     setups = []
     for variant in variants:
         tokens, text, mask = _inputs(variant.model, POSITIONS[0])
-        _, state = variant.model.prefill(tokens, text, mask, max_len=POSITIONS[0] + rounds * calls + 8)
+        with contextlib.nullcontext() if variant.huge_pages else huge_pages_off():  # the state's pages
+            _, state = variant.model.prefill(tokens, text, mask, max_len=POSITIONS[0] + rounds * calls + 8)
         buffer = torch.ones(BANDWIDTH_BUFFER_BYTES // 4)  # first touch
         if variant.huge_pages:
             use_huge_pages([buffer])
@@ -247,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     for pos in POSITIONS:
         rows[("simba step", pos)] = step_time(simba, pos, args.repeats * 4)
         rows[("simba step (compiled)", pos)] = step_time(simba, pos, args.repeats * 4, fast_step)
-        rows[("  on 4 KiB pages", pos)] = step_time(simba_small_pages, pos, args.repeats * 4, small.step)
+        rows[("  on 4 KiB pages", pos)] = step_time(simba_small_pages, pos, args.repeats * 4, small.step, False)
         rows[("transformer kv cache", pos)] = step_time(transformer, pos, args.repeats * 4)
         rows[("simba recompute", pos)] = recompute_time(simba, pos, args.repeats)
 

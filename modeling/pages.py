@@ -8,7 +8,8 @@ process), the paper-size one 1.3x, and the eager steps 6-17%. `TextToMusicLM.gen
 compiled step (`modeling.compiled`) call `use_huge_pages` on the weights and each new decoding state.
 
 `use_huge_pages(tensors)` asks the kernel to back the memory already holding `tensors` with huge pages, in
-place: no copy, no new tensors, so parameters stay the parameters an optimizer holds. For every 2 MiB-aligned
+place: the same addresses and tensors (the kernel copies each region into a huge page), so parameters stay the
+parameters an optimizer holds. For every 2 MiB-aligned
 region that the tensors touch it calls `madvise(MADV_HUGEPAGE)` (future faults and khugepaged may use huge
 pages there, even where THP is `madvise`-only, the common default) and then `madvise(MADV_COLLAPSE)` (Linux
 6.1+: collapse the region into a huge page now, synchronously). Regions are rounded outwards to 2 MiB, so a
@@ -16,11 +17,14 @@ neighbouring allocation in the same region gets huge pages too, which is harmles
 collapsed (not all mapped, no free huge page, an older kernel) it keeps 4 KiB pages and the tensors work as
 before: huge pages only ever change speed, never results.
 
-`SIMBA_HUGE_PAGES=off` turns it off (for comparisons: bench/generate.py times both in one run).
+Decoding states are allocated on huge pages from the start (`zeros`), so there is nothing to collapse, and
+nothing to copy, per generation. `SIMBA_HUGE_PAGES=off` (or `with huge_pages_off():`) turns all of it off
+(for comparisons: bench/generate.py times both in one run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -96,6 +100,20 @@ def _machine_problem() -> str | None:
     if pmd != HUGE_PAGE_BYTES or mmap.PAGESIZE != 4096:
         return f"this kernel's pages ({mmap.PAGESIZE} B base, {pmd} B huge) are not the 4 KiB / 2 MiB handled here"
     return None
+
+
+@contextlib.contextmanager
+def huge_pages_off():
+    """Within the block no huge pages are used or allocated, as under `SIMBA_HUGE_PAGES=off` (for comparisons)."""
+    old = os.environ.get(HUGE_PAGES_ENV)
+    os.environ[HUGE_PAGES_ENV] = "off"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[HUGE_PAGES_ENV]
+        else:
+            os.environ[HUGE_PAGES_ENV] = old
 
 
 def _regions(tensors: Iterable[Tensor]) -> list[int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling.pages import HUGE_PAGE_BYTES, HUGE_PAGES_ENV, huge_page_problem, use_huge_pages, zeros
+from modeling.pages import HUGE_PAGE_BYTES, HUGE_PAGES_ENV, huge_page_problem, huge_pages_off, use_huge_pages, zeros
 from tests.conftest import random_text, tiny_model
 
 KPF_THP = 22  # /proc/kpageflags bit of a page that belongs to a transparent huge page
@@ -128,3 +128,16 @@ def test_generation_puts_weights_and_state_on_huge_pages_and_samples_the_same(ar
     monkeypatch.setenv(HUGE_PAGES_ENV, "off")
     assert torch.equal(model.generate(text, mask, **opts), on_huge_pages)
     assert reports[-1].collapsed == 0
+
+
+def test_huge_pages_off_is_a_block_that_restores_the_setting(monkeypatch):
+    monkeypatch.delenv(HUGE_PAGES_ENV, raising=False)
+    with huge_pages_off():
+        assert HUGE_PAGES_ENV in huge_page_problem()
+        tensor = zeros(2, HUGE_PAGE_BYTES)  # plain torch.zeros: from the C allocator, not a mapping of its own
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * 4
+    assert HUGE_PAGES_ENV not in os.environ
+    monkeypatch.setenv(HUGE_PAGES_ENV, "on")
+    with huge_pages_off():
+        pass
+    assert os.environ[HUGE_PAGES_ENV] == "on"
