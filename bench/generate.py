@@ -26,6 +26,9 @@ buffer, and the ratio of the two is printed (`huge_pages_speedup`). Weights coun
 every parameter the step touches (the text projection is prefill-only; the token embedding contributes the
 rows looked up); the state counts once (read); a step also writes it back, which `_rw` counts too. Bandwidth
 and step time are measured alternately in rounds, and the fraction is the median of the per-round fractions.
+To tell what keeps a step from its limit, the same graph at width 64 (NARROW) is timed in the same rounds: its
+step streams next to nothing, so its time is a step's fixed cost (the Python call, dynamo's guards, one barrier
+per parallel loop), and the rest of the mid-size step is streaming (`streaming_gbps`).
 
     python bench/generate.py [--json] [--repeats 5] [--strategy auto|reduce|gemm] [--compiled-baseline]
 
@@ -69,6 +72,8 @@ TEXT_LEN = 32
 N_FRAMES = 862
 POSITIONS = (100, 2500)
 ROWS = 2  # batch 1 + CFG
+# The same depth and graph at a width where streaming costs nothing: its step time is a step's fixed cost.
+NARROW = dict(MID, d_model=64, mlp_dim=128, d_state=16, headdim=16, n_heads=4)
 BANDWIDTH_BUFFER_BYTES = 1 << 30  # far beyond any L3 here (32 MiB per Zen 4 CCD; Xeons up to ~100 MiB)
 TARGET_FRACTION = 0.7
 GENERATE_RUNS = 3  # whole compiled generations timed for the speed-up over recompute
@@ -143,6 +148,7 @@ class PagedStep:
     model: TextToMusicLM
     step: StepFn
     huge_pages: bool
+    measure_bandwidth: bool = True
     bandwidth: list[float] = dataclasses.field(default_factory=list)  # bytes/s, per round
     seconds: list[float] = dataclasses.field(default_factory=list)  # per step, per round
 
@@ -160,7 +166,7 @@ def bandwidth_rounds(variants: list[PagedStep], rounds: int, calls: int = 10) ->
         tokens, text, mask = _inputs(variant.model, POSITIONS[0])
         with contextlib.nullcontext() if variant.huge_pages else huge_pages_off():  # the state's pages
             _, state = variant.model.prefill(tokens, text, mask, max_len=POSITIONS[0] + rounds * calls + 8)
-        buffer = torch.ones(BANDWIDTH_BUFFER_BYTES // 4)  # first touch
+        buffer = torch.ones(BANDWIDTH_BUFFER_BYTES // 4 if variant.measure_bandwidth else 1)  # first touch
         if variant.huge_pages:
             use_huge_pages([buffer])
         buffer.sum()
@@ -168,9 +174,10 @@ def bandwidth_rounds(variants: list[PagedStep], rounds: int, calls: int = 10) ->
         setups.append((buffer, tokens[:, -1], state))
     for _ in range(rounds):
         for variant, (buffer, token, state) in zip(variants, setups, strict=True):
-            t0 = time.perf_counter()
-            buffer.sum()
-            variant.bandwidth.append(BANDWIDTH_BUFFER_BYTES / (time.perf_counter() - t0))
+            if variant.measure_bandwidth:
+                t0 = time.perf_counter()
+                buffer.sum()
+                variant.bandwidth.append(BANDWIDTH_BUFFER_BYTES / (time.perf_counter() - t0))
             t0 = time.perf_counter()
             for _ in range(calls):
                 variant.step(token, state)
@@ -243,9 +250,15 @@ def main(argv: list[str] | None = None) -> int:
     choice = fast_step.choice(ROWS) if hasattr(fast_step, "choice") else None
     huge = PagedStep(simba, fast_step, huge_pages=True)
     small = PagedStep(simba_small_pages, simba_small_pages.step, huge_pages=False)
+    variants = [huge, small]
     if choice is not None:
         small.step = compiled_step(simba_small_pages, choice.strategy, huge_pages=False)
-    bandwidth_rounds([huge, small], args.repeats * 2)
+        # The step's fixed cost (Python call, guards, one barrier per parallel loop): the same graph at width 64.
+        narrow_model = build_model(ModelConfig(arch="simba", **NARROW)).eval()
+        narrow = PagedStep(narrow_model, compiled_step(narrow_model, choice.strategy), True, measure_bandwidth=False)
+        compile_time(narrow_model, narrow.step)
+        variants.append(narrow)
+    bandwidth_rounds(variants, args.repeats * 2)
     weight_bytes, state_bytes = step_bytes(simba, ROWS)
     rows = {}
     for pos in POSITIONS:
@@ -304,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"on 4 KiB pages: compiled step {statistics.median(small.seconds) * 1e3:.2f} ms, fraction "
           f"{fraction_small:.2f} of its own limit; huge pages make the step {huge_pages_speedup:.2f}x faster "
           f"(median of per-round ratios); eager step {fraction_eager:.2f}")  # fmt: skip
+    fixed_ms = statistics.median(narrow.seconds) * 1e3 if choice is not None else float("nan")
+    streaming_gbps = moved / (step_ms - fixed_ms) / 1e6
+    print(f"fixed cost per step (the same depth at width {NARROW['d_model']}): {fixed_ms:.2f} ms; the rest of the "
+          f"step streams weights + state at {streaming_gbps:.1f} GB/s ({streaming_gbps * 1e9 / bw:.2f} of the read "
+          f"bandwidth)")  # fmt: skip
     runs = ", ".join(f"{t:.2f}" for t in gen_compiled_runs)
     print(f"generate {N_FRAMES} frames: SiMBA compiled step {gen_compiled:.2f} s (median of {runs}), eager step "
           f"{gen_simba:.1f} s (measured), recompute {gen_recompute:.1f} s (integrated from measured "
@@ -337,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         "read_bandwidth_gbps": bw / 1e9,
         "read_bandwidth_best_gbps": max(huge.bandwidth) / 1e9,
         "read_bandwidth_small_pages_gbps": bw_small / 1e9,
+        "fixed_ms_per_step": fixed_ms,
+        "streaming_gbps": streaming_gbps,
         "weight_bytes_per_token": weight_bytes,
         "state_bytes_per_token": state_bytes,
         "cpu_model": cpu_name(),
