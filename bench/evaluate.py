@@ -15,7 +15,7 @@ the values, so these numbers are not the metrics' but their cost):
 (b) generation frames/s for evaluation at batch 1, 8 and 32 captions, with classifier-free guidance (2 rows
     per caption), top-k 250, at bench/generate.py's mid size: SiMBA with the eager step and with the compiled
     step (`modeling.compiled`, its weight-product strategy chosen as generation chooses it), and the Cross
-    Transformer with its KV cache, all with their weights and states on huge pages as `generate` puts them
+    Transformer with its KV cache, all with their weights and states on huge pages as `prefill` puts them
     (`modeling.pages`). Each path runs the generation loop (step, CFG combine, top-k sampling) for
     a window of steps at positions spread over the clip; the time for 862 frames is the trapezoid integral
     of the per-step medians over those positions (exact for a cost linear in the position, as attention's
@@ -173,7 +173,8 @@ def advance(state: DecodeState, positions: int) -> None:
 def decode_seconds(step, state: DecodeState, captions: int, steps: int, warmup: int, seed: int = 0) -> float:
     """Median seconds per frame of the generation loop (step, CFG combine, top-k sampling) on `state`.
 
-    The state goes onto huge pages first, as `generate` puts it (every path alike: a fair comparison)."""
+    The state goes onto huge pages first, as `prefill` puts every state (a deepcopy of one is plain memory):
+    every path alike, a fair comparison."""
     use_huge_pages(state_tensors(state))
     generator = torch.Generator().manual_seed(seed)
     tok = torch.zeros(2 * captions, dtype=torch.long)
@@ -215,7 +216,7 @@ def bench_generation(batches: tuple[int, ...], n_positions: int, steps: int, war
     torch.manual_seed(0)
     models = {arch: build_model(ModelConfig(arch=arch, **MID)).eval() for arch in ("simba", "transformer")}
     simba, transformer = models["simba"], models["transformer"]
-    pages = use_huge_pages(p for model in models.values() for p in model.parameters())  # as `generate` does
+    pages = use_huge_pages(p for model in models.values() for p in model.parameters())  # as prefill does (and a report)
     fast = compiled_step(simba)
     positions = [round(i * (N_FRAMES - 1) / (n_positions - 1)) for i in range(n_positions)]
     max_len = N_FRAMES + warmup + steps + 1

@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     small = PagedStep(simba_small_pages, simba_small_pages.step, huge_pages=False)
     variants = [huge, small]
     if choice is not None:
-        small.step = compiled_step(simba_small_pages, choice.strategy, huge_pages=False)
+        with huge_pages_off():  # its page size is part of the choice it keeps
+            small.step = compiled_step(simba_small_pages, choice.strategy)
         # The step's fixed cost (Python call, guards, one barrier per parallel loop): the same graph at width 64.
         narrow_model = build_model(ModelConfig(arch="simba", **NARROW)).eval()
         narrow = PagedStep(narrow_model, compiled_step(narrow_model, choice.strategy), True, measure_bandwidth=False)
@@ -296,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     # drifts with other load), median over rounds; and from the best round of each (other load only ever adds
     # time). The headline counts the state once, as read; a step also writes it back (`_rw`). Each step is held
     # to the bandwidth of its own page size: huge pages raise both the step's speed and its limit.
-    pages = getattr(fast_step, "pages", None)
-    print(f"huge pages for the compiled step's weights and state: {pages or 'not used (not compiled)'}")
+    pages = use_huge_pages(simba.parameters())  # prefill did it: this only reports the weights' regions
+    print(f"huge pages for the weights: {pages}")
     moved = weight_bytes + state_bytes
     fraction = limit_fraction(huge, moved)
     fraction_small = limit_fraction(small, moved)

@@ -27,11 +27,10 @@ Under either strategy `realize_opcount_threshold` is lowered, so an activation f
 gated norm) is computed once into a buffer rather than re-evaluated inside a reduction for every output row.
 Both match the eager step to fp32 rounding (tested), and `bench/generate.py` measures them.
 
-A step streams all weights and the whole recurrent state, so on the CPU it also asks the kernel to back their
-memory with 2 MiB pages (`modeling.pages.use_huge_pages`, in place: once for the weights and again for each new
-decoding state, i.e. once per generation). On the AMD machines here that made the mid-size step 1.2-1.3x
-faster (bench/generate.py, side by side); results are unchanged (tested), and `SIMBA_HUGE_PAGES=off` or
-`huge_pages=False` keep 4 KiB pages.
+A step streams all weights and the whole recurrent state, which `prefill` puts on 2 MiB pages on the CPU
+(`modeling.pages`; so are the copies of the state that `auto` times on). On the AMD machines here that made the
+mid-size step 1.2-1.3x faster (bench/generate.py, side by side); `SIMBA_HUGE_PAGES=off` keeps 4 KiB pages, and
+the page size is part of what a timed choice is kept for.
 
 Only decoders whose step has fixed shapes are compiled: attention layers grow their KV cache every token,
 which would recompile every step, so models with attention fall back to the eager step (with a warning).
@@ -63,7 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from modeling.layers import DecodeState, SelfAttention, state_tensors
-from modeling.pages import HugePages, huge_page_problem, use_huge_pages
+from modeling.pages import huge_page_problem, use_huge_pages
 
 # Products with this many rows or fewer (batch x 2 for CFG) are written as reductions under `reduce`.
 SMALL_ROWS = 8
@@ -245,20 +244,16 @@ class CompiledStep:
     batch of `rows` rows (batch x 2 with CFG) used, and the timings behind an automatic choice.
     """
 
-    def __init__(self, model: nn.Module, strategy: str | None = None, huge_pages: bool = True):
+    def __init__(self, model: nn.Module, strategy: str | None = None):
         self.model = model
-        self.huge_pages = huge_pages
         # The page size of the step's memory on the CPU: part of what makes one strategy faster than the other.
-        self.page_size = "2 MiB pages" if huge_pages and huge_page_problem() is None else "4 KiB pages"
+        self.page_size = "2 MiB pages" if huge_page_problem() is None else "4 KiB pages"
         self.requested, self._source = _requested_strategy(strategy)
         # Dynamo keeps compiled code on TextToMusicLM.step's code object, guarded by the backend and the input
         # shapes (parameters are graph inputs), so new wrappers, and other models of the same shapes, reuse it.
         # dynamic=False: one graph per batch size, so the row count is static.
         self._compiled = {s: torch.compile(model.step, backend=_BACKENDS[s], dynamic=False) for s in STRATEGIES}
         self._forced: dict[tuple, StrategyChoice] = {}
-        # The state whose memory (and the weights') was last put on huge pages (modeling.pages), and the result.
-        self._paged: weakref.ref[DecodeState] | None = None
-        self.pages: HugePages | None = None
 
     def _key(self, tokens: Tensor) -> tuple:
         return tokens.shape[0], tokens.device, self.model.head.weight.dtype, torch.get_num_threads(), self.page_size
@@ -271,9 +266,6 @@ class CompiledStep:
     def __call__(self, tokens: Tensor, state: DecodeState) -> Tensor:
         # Guards include strides: a column sliced out of a (B, T) tensor would otherwise recompile per T.
         tokens = tokens.reshape(-1, 1).contiguous()
-        if self.huge_pages and (self._paged is None or self._paged() is not state):  # once per generation
-            self.pages = use_huge_pages([*self.model.parameters(), *state_tensors(state)])
-            self._paged = weakref.ref(state)
         key = self._key(tokens)
         if self.requested != "auto":
             if key not in self._forced:
@@ -307,8 +299,7 @@ class CompiledStep:
         trials = {}
         for s in STRATEGIES:
             trials[s] = copy.deepcopy(state)
-            if self.huge_pages:  # as the caller's state (__call__)
-                use_huge_pages(state_tensors(trials[s]))
+            use_huge_pages(state_tensors(trials[s]))  # the copy is plain memory; the caller's came from prefill
             try:
                 for _ in range(2):  # compile, then one warm-up call
                     self._compiled[s](tokens, trials[s])
@@ -330,15 +321,13 @@ class CompiledStep:
         return StrategyChoice(min(ms, key=ms.__getitem__), "timed", ms)
 
 
-def compiled_step(model: nn.Module, strategy: str | None = None, huge_pages: bool = True) -> StepFn:
+def compiled_step(model: nn.Module, strategy: str | None = None) -> StepFn:
     """`model.step` compiled (the first call per model and batch size compiles: ~30 s on 2 cores, less cached).
 
     Args:
         model: a `TextToMusicLM`.
         strategy: `auto` (time `reduce` and `gemm` on the first call per batch shape and keep the faster),
             `reduce` or `gemm`; None reads `SIMBA_DECODE_STRATEGY`, and defaults to `auto`.
-        huge_pages: back the weights and each new decoding state with huge pages (`modeling.pages`; where the
-            machine allows and `SIMBA_HUGE_PAGES` is not `off`). False keeps the allocator's pages (benchmarks).
     Returns the eager `model.step` (and warns) for models with attention layers, and on a CPU that cannot
     build kernels; otherwise a `CompiledStep`.
     """
@@ -354,4 +343,4 @@ def compiled_step(model: nn.Module, strategy: str | None = None, huge_pages: boo
     if problem:
         warnings.warn(f"cannot compile the decoding step: {problem}; decoding with the eager step", stacklevel=2)
         return model.step
-    return CompiledStep(model, strategy, huge_pages)
+    return CompiledStep(model, strategy)

@@ -135,10 +135,14 @@ class TextToMusicLM(nn.Module):
         """Run the prompt once and build the decoding state. Returns last-position logits (B, V) and state.
 
         `max_len` counts token positions (BOS included); room for the text prefix is added here, since a
-        prefix model's attention layers (hybrids) cache it too.
+        prefix model's attention layers (hybrids) cache it too. On the CPU the weights and the state end up on huge
+        pages (`modeling.pages`; `SIMBA_HUGE_PAGES=off` keeps 4 KiB pages).
         """
         state = self.allocate_state(tokens.shape[0], text.shape[1] + max_len, device=tokens.device)
         hidden = self._hidden(tokens, text, text_mask, state)
+        # Every step streams all weights and the whole state: on the CPU, 2 MiB pages spare a TLB miss per 4 KiB
+        # (`modeling.pages`; the state's own buffers were allocated on them, the rest is collapsed here).
+        use_huge_pages([*self.parameters(), *state_tensors(state)])
         return self.logits(hidden[:, -1:])[:, 0], state
 
     def step(self, tokens: Tensor, state: DecodeState) -> Tensor:
@@ -167,7 +171,7 @@ class TextToMusicLM(nn.Module):
         `use_cache=False` recomputes the whole sequence for every token (the paper code's method; kept as
         the reference and benchmark baseline). `compile=True` decodes with `modeling.compiled.compiled_step`
         (attention-free SiMBA; the first call per model and batch size pays the compilation). On the CPU the
-        weights and the decoding state go onto huge pages first (`modeling.pages`; `SIMBA_HUGE_PAGES=off`).
+        weights and the decoding state go onto huge pages in `prefill` (`modeling.pages`).
 
         Returns:
             (B, n_frames) long tokens in [0, pad_id).
@@ -201,8 +205,6 @@ class TextToMusicLM(nn.Module):
                 if compile:
                     step = compiled_step(self)
                 logits, state = self.prefill(seq, text, text_mask, max_len=n_frames + 1)
-                # Every step streams all weights and the whole state: 2 MiB pages spare a TLB miss per 4 KiB.
-                use_huge_pages([*self.parameters(), *state_tensors(state)])
                 for i in range(n_frames):
                     tok = next_token(logits)
                     out.append(tok[:B])

@@ -4,8 +4,8 @@ A decoding step reads every weight and the whole recurrent state (or KV cache) o
 kernel's 4 KiB pages, such a stream misses the TLB once per page, and under a hypervisor each miss walks two
 page tables. Backing the same memory with 2 MiB pages removes almost all of those misses: on the 2-core AMD
 Zen 4 VMs here the mid-size compiled SiMBA step got 1.2-1.3x faster (bench/generate.py, side by side in one
-process), the paper-size one 1.3x, and the eager steps 6-17%. `TextToMusicLM.generate` (on the CPU) and the
-compiled step (`modeling.compiled`) call `use_huge_pages` on the weights and each new decoding state.
+process), the paper-size one 1.3x, and the eager steps 6-17%. `TextToMusicLM.prefill`, which builds every
+decoding state, calls `use_huge_pages` on the weights and that state.
 
 `use_huge_pages(tensors)` asks the kernel to back the memory already holding `tensors` with huge pages, in
 place: the same addresses and tensors (the kernel copies each region into a huge page), so parameters stay the

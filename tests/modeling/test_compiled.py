@@ -30,7 +30,7 @@ from modeling.compiled import (
 )
 from modeling.layers import state_tensors
 from modeling.lm import with_null_condition
-from modeling.pages import huge_page_problem
+from modeling.pages import huge_page_problem, huge_pages_off
 from tests.conftest import random_text, tiny_model
 
 VOCAB = 1025
@@ -124,8 +124,9 @@ def test_auto_times_both_strategies_once_and_keeps_the_faster(simba, batch):
     assert kept.reason == f"timed earlier on this machine ({choice_cache_file()})"
     assert (kept.strategy, kept.ms_per_step) == (choice.strategy, choice.ms_per_step)
     # A choice timed on huge pages does not hold for 4 KiB pages (where the machine has huge pages at all).
-    small_pages = compiled_step(twin, "auto", huge_pages=False)
-    small_pages(tokens[:, 2], twin_state)
+    with huge_pages_off():
+        small_pages = compiled_step(twin, "auto")
+        small_pages(tokens[:, 2], twin_state)
     assert small_pages.choice(4).reason == ("timed" if huge_page_problem() is None else kept.reason)
 
 
@@ -170,19 +171,19 @@ def test_strategy_from_argument_environment_or_auto(simba, monkeypatch):
 @needs_compiler
 @torch.no_grad()
 def test_weights_and_each_new_state_go_onto_huge_pages_and_results_stay(simba, batch, monkeypatch):
-    """Once per state (a generation), not per step; the logits equal the eager step's."""
-    import modeling.compiled
+    """Prefill pages them once per state (a generation), not per step; the compiled logits equal the eager step's."""
+    import modeling.lm
     import modeling.pages
 
     monkeypatch.setattr(modeling.pages, "MIN_TENSOR_BYTES", 0)  # the tiny model's tensors count too
-    calls = []
+    reports = []
 
-    def counting(tensors):
+    def recording(tensors):
         tensors = list(tensors)
-        calls.append(len(tensors))
-        return modeling.pages.use_huge_pages(tensors)
+        reports.append((len(tensors), modeling.pages.use_huge_pages(tensors)))
+        return reports[-1][1]
 
-    monkeypatch.setattr(modeling.compiled, "use_huge_pages", counting)
+    monkeypatch.setattr(modeling.lm, "use_huge_pages", recording)
     tokens, text, mask = batch
     step = compiled_step(simba, "reduce")
     n_tensors = len(list(simba.parameters())) + len(state_tensors(simba.allocate_state(4, T)))
@@ -191,13 +192,13 @@ def test_weights_and_each_new_state_go_onto_huge_pages_and_results_stay(simba, b
         _, fast_state = simba.prefill(tokens[:, :1], text, mask, max_len=T)
         for t in range(1, 4):
             assert torch.allclose(step(tokens[:, t], fast_state), simba.step(tokens[:, t], eager_state), atol=1e-4)
-    assert calls == [n_tensors, n_tensors]
-    print(step.pages)
+    assert [n for n, _ in reports] == [n_tensors] * 4  # one call per prefill, none from the steps
+    print(reports[-1][1])
     if huge_page_problem() is None:
-        assert step.pages.collapsed > 0, step.pages
-    off = compiled_step(simba, "reduce", huge_pages=False)
-    off(tokens[:, 1], simba.prefill(tokens[:, :1], text, mask, max_len=T)[1])
-    assert off.pages is None and len(calls) == 2
+        assert reports[-1][1].collapsed > 0, reports[-1][1]
+    with huge_pages_off():
+        step(tokens[:, 1], simba.prefill(tokens[:, :1], text, mask, max_len=T)[1])
+    assert len(reports) == 5 and reports[-1][1].collapsed == 0
 
 
 @needs_compiler
