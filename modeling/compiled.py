@@ -10,8 +10,8 @@ fuses the small operators, and writes the weight products one of two ways (the *
   2-row gemm reads weights at ~8 GB/s (a plain read runs at ~30 GB/s), these reductions at 23-30: the
   step takes ~6.5 ms reduced against ~19 ms with gemm at bench/generate.py's mid size;
 - `gemm`: products stay calls into the BLAS (MKL). On an Intel Xeon with AVX-512/AMX, MKL's 2-row gemm
-  reads weights at ~38 GB/s and the reductions fall behind (issue 10: 15.7 ms/token reduced), so this
-  should be the faster one there.
+  streams the weights well and the reductions fall behind: on the Xeon host of an H200 box (2 threads,
+  torch 2.11) gemm took 8.3 ms/step and reduce 10.5 (bench/generate.py), and `auto` kept gemm.
 
 Which is faster is a property of the machine, so by default (`auto`) the first call for a batch shape
 compiles both, times them on a copy of the caller's state, and keeps the faster; the choice is cached per
