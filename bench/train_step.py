@@ -40,6 +40,7 @@ busy (the load average before and after is printed too).
     python bench/train_step.py [--json] [--quick] [--repeats 3] [--batch 1] [--layers 6] [--chunk-size 256]
                                [--threads N]
     python bench/train_step.py --profile [--json]     # torch.profiler over SiMBA steps at 2588 tokens
+    python bench/train_step.py --paper --batch 4 [--profile]   # the paper's size, on a GPU
 
 `--quick` (~1 minute): lengths 512, 1024, 2588 and 2 timed rounds. `--profile` runs no benchmark: it prints the
 ops of a few SiMBA training steps at 2588 tokens by self CPU time (what bounds the MFU).
@@ -287,20 +288,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="lengths up to 2588 and 2 timed rounds (~1 minute)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; --quick 2)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--layers", type=int, default=MID["n_layers"])
-    parser.add_argument("--chunk-size", type=int, default=MID["chunk_size"], help="SiMBA's SSD chunk length")
+    parser.add_argument("--layers", type=int, default=None, help="layers (default: the size's, MID 6, paper 24)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="SiMBA's SSD chunk length (default: the size's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--profile", action="store_true", help="only profile SiMBA steps at 2588 tokens")
+    parser.add_argument("--paper", action="store_true", help="the paper's model size (dropout 0) instead of MID")
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=20, help="ops listed by --profile")
     args = parser.parse_args(argv)
     repeats = args.repeats if args.repeats is not None else 2 if args.quick else 3
-    if min(repeats, args.batch, args.layers, args.chunk_size) < 1:
+    if min(repeats, args.batch, *(v for v in (args.layers, args.chunk_size) if v is not None)) < 1:
         parser.error("--repeats, --batch, --layers and --chunk-size must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model_kwargs = dict(MID, n_layers=args.layers, chunk_size=args.chunk_size)
+    model_kwargs = dict(MID)
+    if args.paper:  # ModelConfig's defaults are the paper's (tests/configs/test_config.py checks paper.yaml)
+        model_kwargs = {key: getattr(ModelConfig(), key) for key in MID} | {"dropout": 0.0}
+    model_kwargs |= {k: v for k, v in (("n_layers", args.layers), ("chunk_size", args.chunk_size)) if v is not None}
 
     if args.profile:
         result = profile(model_kwargs, device, args.batch, args.profile_steps, args.top)
