@@ -92,22 +92,45 @@ def forward_flops_per_token(cfg: ExperimentConfig, model: TextToMusicLM, seq_len
     return flops
 
 
-def estimate_train_memory(cfg: ExperimentConfig, params: int, seq_len: int) -> int:
-    """Rough bytes for one micro-batch: fp32 weights + grads + AdamW moments (16 B/param), activations saved
-    for backward (bf16 on GPU, fp32 on CPU; a per-layer element count per token), and fp32 logits + grad."""
-    m, t = cfg.model, cfg.train
-    act_bytes = 4 if t.precision == "fp32" or (t.precision == "auto" and not t.use_gpu) else 2
-    tokens = t.batch_size * seq_len
+def saved_bytes_per_token(cfg: ExperimentConfig, low: int) -> list[int]:
+    """Bytes each layer keeps for backward per token, in a training step as the loop runs it (dropout on).
+
+    `low` is the size of what autocast computes in bf16 (2; 4 in fp32). The residual stream stays fp32, and so does
+    each RMSNorm (its input and its normalised output are kept). A Mamba-2 layer is counted as mamba_ssm's kernels
+    run it: the pure-PyTorch path keeps its chunked scan's intermediates too, several times more (bench/cuda.py).
+    """
+    m = cfg.model
     d = m.d_model
+    norm = 8 * d  # fp32 input + normalised output
+    mask = d if m.dropout > 0 else 0  # one byte per element of each residual branch's dropout mask
+    mlp = norm + low * (d + 2 * m.mlp_dim) + mask  # fc1's input, GELU's input and output
+    attention = norm + low * (d + 3 * d + d) + mask  # qkv's input, q/k/v, the attention output
     if m.arch == "transformer":
-        per_layer = 14 * d + 2 * m.mlp_dim
-    else:
-        d_inner = m.expand * d
-        proj = 2 * d_inner + 2 * m.ngroups * m.d_state + d_inner // m.headdim
-        per_layer = 6 * d + 2 * proj + 4 * d_inner + 2 * m.mlp_dim
-    activations = tokens * m.n_layers * per_layer * act_bytes
+        cross = norm + low * (d + d + d) + mask  # q's input, q, the attention output (the caption's K/V: negligible)
+        return [attention + cross + mlp] * m.n_layers
+    d_inner = m.expand * d
+    conv_dim = d_inner + 2 * m.ngroups * m.d_state
+    d_in_proj = 2 * d_inner + 2 * m.ngroups * m.d_state + d_inner // m.headdim
+    # in_proj's input and output; the conv's padded input, its output and SiLU's; the scan's output and the norm's
+    mamba = norm + low * (d + d_in_proj + 3 * conv_dim + 2 * d_inner) + mask
+    return [(attention if i in m.attn_layers else mamba) + mlp for i in range(m.n_layers)]
+
+
+def estimate_train_memory(cfg: ExperimentConfig, params: int, seq_len: int) -> int:
+    """Peak bytes of a training step at one micro-batch of `train.batch_size` x `seq_len` tokens.
+
+    fp32 weights + grads + AdamW moments (16 B/param), autocast's bf16 copies of the weights (2 B/param), the
+    activations kept for backward (`saved_bytes_per_token`) and the fp32 logits + their gradient. Against the peak
+    allocated memory measured on an H200 (bench/cuda.py, bf16, batch 4 x 2588 tokens, dropout 0.3): 20.6 GiB
+    estimated vs 21.1 measured for SiMBA with mamba_ssm's kernels, 17.7 vs 17.0 for the Transformer
+    (tests/modeling/test_summary.py). On the CPU (fp32) and on a GPU without mamba_ssm, SiMBA needs more.
+    """
+    m, t = cfg.model, cfg.train
+    low = 4 if t.precision == "fp32" or (t.precision == "auto" and not t.use_gpu) else 2
+    weights = (16 + (2 if low == 2 else 0)) * params
+    activations = t.batch_size * seq_len * sum(saved_bytes_per_token(cfg, low))
     logits = t.batch_size * (cfg.data.max_frames + 1) * m.vocab_size * 4 * 2
-    return 16 * params + activations + logits
+    return weights + activations + logits
 
 
 def cache_bytes(model: TextToMusicLM, n_tokens: int, text_len: int) -> int:
