@@ -11,7 +11,7 @@
 3. Attention kernels: which SDPA kernels the Transformer's self- and cross-attention dispatch to in training.
 4. Decoding: ms per token of SiMBA's step (each path, and the fast one replayed from a CUDA graph) and the
    Transformer's KV-cache step at 100 and 2500 tokens, 2 rows (one caption + CFG) and 64 (an evaluation batch of
-   32), in fp32 as `generate` runs on a checkpoint's weights.
+   32), in fp32 as `generate` runs on a checkpoint's weights; and `generate` itself (sampling included) per frame.
 
     python bench/cuda.py [--json] [--quick] [--device cuda|cpu] [--size paper|tiny]
 
@@ -51,6 +51,7 @@ SIZES = {
     "tiny": dict(d_model=64, n_layers=2, mlp_dim=128, n_heads=4, d_state=16, headdim=16, chunk_size=16, text_dim=32),
 }
 PAPER_OPTIMIZER_STEPS = 85_000
+GENERATE_FRAMES = 200  # frames per timed generation (10 s are 862): enough to amortise the prefill
 RTX_3090_BYTES = 24 * 2**30
 GIB = 2**30
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
@@ -278,6 +279,20 @@ def graph_step_ms(model: TextToMusicLM, captions: int, position: int, device: to
     return {"ms": (time.perf_counter() - t0) / calls * 1e3, "max_abs_err_vs_eager": err}
 
 
+@torch.no_grad()
+def generate_ms(model: TextToMusicLM, captions: int, frames: int, device: torch.device) -> float:
+    """ms per frame of `model.generate` (CFG 3, top-k 250: sampling included) for `captions` captions at once."""
+    _, text, mask = inputs(model, captions, 1, device)
+    model.generate(text, mask, 4, seed=0)  # first-call work (kernels, allocator)
+    sync(device)
+    t0 = time.perf_counter()
+    tokens = model.generate(text, mask, frames, seed=0)
+    sync(device)
+    if tokens.shape != (captions, frames) or not bool(((tokens >= 0) & (tokens < model.pad_id)).all()):
+        raise RuntimeError(f"generate returned {tuple(tokens.shape)} tokens, or tokens outside the codebook")
+    return (time.perf_counter() - t0) / frames * 1e3
+
+
 def decoding(device: torch.device, size: dict, quick: bool) -> dict:
     calls = 20 if quick else 50
     positions = (100,) if quick else (100, 2500)
@@ -292,8 +307,12 @@ def decoding(device: torch.device, size: dict, quick: bool) -> dict:
                     key = f"{name}_rows{2 * captions}_pos{position}_ms"
                     result[key] = attempt(partial(step_ms, model, captions, position, device, calls))
                     print(f"  {key}: {result[key]}", flush=True)
+        set_fast_path(model, fast_path_available(device))
+        for captions in (1, 32):
+            key = f"{arch}_generate_{captions}_captions_ms_per_frame"
+            result[key] = attempt(partial(generate_ms, model, captions, GENERATE_FRAMES, device))
+            print(f"  {key}: {result[key]}", flush=True)
         if arch == "simba" and device.type == "cuda":
-            set_fast_path(model, fast_path_available(device))
             for captions in (1, 32):
                 key = f"simba_graph_rows{2 * captions}_pos100"
                 # Capture can refuse an op (a host sync, a CPU tensor): that is a finding too.
