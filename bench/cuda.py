@@ -44,6 +44,7 @@ from configs.schema import ModelConfig, TrainConfig  # noqa: E402
 from modeling import mamba2  # noqa: E402
 from modeling.builders import build_model  # noqa: E402
 from modeling.compiled import cpu_name  # noqa: E402
+from modeling.layers import state_tensors  # noqa: E402
 from modeling.lm import TextToMusicLM, with_null_condition  # noqa: E402
 
 SIZES = {
@@ -51,6 +52,7 @@ SIZES = {
     "tiny": dict(d_model=64, n_layers=2, mlp_dim=128, n_heads=4, d_state=16, headdim=16, chunk_size=16, text_dim=32),
 }
 PAPER_OPTIMIZER_STEPS = 85_000
+CHECKED_REPLAYS = 5  # graph replays compared with eager steps
 GENERATE_FRAMES = 200  # frames per timed generation (10 s are 862): enough to amortise the prefill
 RTX_3090_BYTES = 24 * 2**30
 GIB = 2**30
@@ -250,12 +252,13 @@ def step_ms(model: TextToMusicLM, captions: int, position: int, device: torch.de
 
 @torch.no_grad()
 def graph_step_ms(model: TextToMusicLM, captions: int, position: int, device: torch.device, calls: int) -> dict:
-    """SiMBA's step captured once in a CUDA graph and replayed; checked against the eager step from the same state."""
-    tokens, text, mask = cfg_inputs(model, captions, position, device)
-    _, state = model.prefill(tokens[:, :position], text, mask, max_len=position + 8)
-    token = tokens[:, position].clone()
+    """SiMBA's step captured once in a CUDA graph and replayed as generation would: a new token copied into the
+    captured input before each replay. Checked against eager steps on a copy of the state fed the same tokens."""
+    tokens, text, mask = cfg_inputs(model, captions, position + CHECKED_REPLAYS, device)
+    _, state = model.prefill(tokens[:, :position], text, mask, max_len=position + CHECKED_REPLAYS + calls + 8)
     reference_state = copy.deepcopy(state)
-    want = model.step(token, reference_state)
+    want = [model.step(tokens[:, position + i], reference_state) for i in range(CHECKED_REPLAYS)]
+    token = tokens[:, position].clone()  # the graph's input
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     warm_state = copy.deepcopy(state)
@@ -265,18 +268,21 @@ def graph_step_ms(model: TextToMusicLM, captions: int, position: int, device: to
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = model.step(token, state)
-    # Capture records without running: the state is still the prefill's, so one replay is the reference's step.
-    # (Replays read the captured position tensor, so they do not advance the position: right for timing, but a
-    # generation loop would need the step to update its position in place.)
-    graph.replay()
+        out = model.step(token, state)  # recorded, not run: the state is still the prefill's
+    err = 0.0
+    for i in range(CHECKED_REPLAYS):  # the step updates its state in place, so each replay advances it
+        token.copy_(tokens[:, position + i])
+        graph.replay()
+        err = max(err, (out.float() - want[i].float()).abs().max().item())
+    pairs = zip(state_tensors(state), state_tensors(reference_state), strict=True)
+    state_err = max((a - b).abs().max().item() for a, b in pairs)
     sync(device)
-    err = (out.float() - want.float()).abs().max().item()
     t0 = time.perf_counter()
     for _ in range(calls):
         graph.replay()
     sync(device)
-    return {"ms": (time.perf_counter() - t0) / calls * 1e3, "max_abs_err_vs_eager": err}
+    ms = (time.perf_counter() - t0) / calls * 1e3
+    return {"ms": ms, "max_abs_err_vs_eager": err, "state_max_abs_err_vs_eager": state_err}
 
 
 @torch.no_grad()

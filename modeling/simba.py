@@ -104,5 +104,7 @@ class PrefixSiMBA(TextToMusicLM):
         x = x + sinusoidal_embedding(state.next_pos[:, None], self.d_model).to(x.dtype)
         for layer, cache in zip(self.layers, state.layers, strict=True):
             x = layer.step(x, cache)
-        state.next_pos = state.next_pos + 1
+        # In place, like every state update of an attention-free step: the state keeps its memory from step to
+        # step, which a replayed CUDA graph needs (it reads and writes fixed addresses).
+        state.next_pos += 1
         return x

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from modeling.layers import state_tensors
 from modeling.lm import with_null_condition
 from modeling.sampling import cfg_combine, filter_logits, sample_next
 from tests.conftest import random_text, tiny_model
@@ -127,3 +128,22 @@ def test_sampling_frequencies_follow_softmax(temperature):
     counts = torch.bincount(sample_next(logits, temperature=temperature, generator=g), minlength=4).float()
     expected = (logits[0] / temperature).softmax(-1)
     assert torch.allclose(counts / counts.sum(), expected, atol=0.015)
+
+
+def test_attention_free_step_updates_its_state_in_place():
+    """SiMBA's eager step writes its state where prefill put it: the same tensors, at the same addresses, from step
+    to step (what a CUDA graph replaying the step needs: it reads and writes fixed addresses), and the position
+    still advances."""
+    model = tiny_model("simba")
+    text, mask = random_text([3, 5])
+    tokens = torch.randint(0, VOCAB - 1, (2, 9), generator=torch.Generator().manual_seed(3))
+    _, state = model.prefill(tokens[:, :4], text, mask, max_len=9)
+
+    def memory():
+        return [(id(t), t.data_ptr()) for t in state_tensors(state)]
+
+    before, positions = memory(), state.next_pos.clone()
+    for t in range(4, 9):
+        model.step(tokens[:, t], state)
+    assert memory() == before
+    assert torch.equal(state.next_pos, positions + 5)
