@@ -17,8 +17,9 @@
 
 `--device cpu --size tiny` runs every section on the CPU at a tiny size (a dry run of the script; the fast path
 and CUDA graphs are then reported as unavailable). Sections that fail report their error and the others go on.
-mamba_ssm's kernels are imported from `mamba_ssm.ops.triton`; the Mamba-1 CUDA extension it imports at the top of
-its package is not needed (`pyproject.toml`'s `cuda` extra says how to install it).
+The project calls only mamba_ssm's Triton kernels (`mamba_ssm.ops.triton`) and causal_conv1d's when installed;
+`pyproject.toml`'s `cuda` extra says how to install both (mamba_ssm's package also imports its Mamba-1 CUDA
+extension, which its install builds).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import statistics
 import sys
 import time
@@ -385,7 +385,7 @@ def main() -> None:
     for name in args.sections.split(","):
         run_section(name, sections[name], results)
     if args.json:
-        print(json.dumps(results, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
+        print(json.dumps(results, default=str))
 
 
 if __name__ == "__main__":
