@@ -215,14 +215,15 @@ def _read_choices(file: Path) -> dict:
 
 def _remember_choice(file: Path, key: str, choice: StrategyChoice) -> None:
     """Add one timed choice to the cache file (temporary file + rename: readers never see a partial file)."""
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
     try:
         choices = _read_choices(file)
         choices[key] = {"strategy": choice.strategy, "ms_per_step": choice.ms_per_step}
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(choices, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, file)
     except OSError as err:  # a read-only home, say: the choice still holds for this process
+        tmp.unlink(missing_ok=True)
         warnings.warn(f"cannot keep the compiled-step strategy in {file} ({err!r})", stacklevel=3)
 
 

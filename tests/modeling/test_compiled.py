@@ -147,6 +147,14 @@ def test_the_choice_cache_file_is_configurable_and_survives_a_broken_file(simba,
     assert _read_choices(file) == {"k": {"strategy": "gemm", "ms_per_step": {"gemm": 1.0, "reduce": 2.0}}}
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["choices.json"]
 
+    # A path that cannot become the file (here a folder): a warning, and no temporary file left behind.
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    with pytest.warns(UserWarning) as caught:  # it cannot be read either: "ignoring ..." comes first
+        _remember_choice(folder, "k", StrategyChoice("gemm", "timed", {"gemm": 1.0, "reduce": 2.0}))
+    assert "cannot keep the compiled-step strategy" in str(caught[-1].message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder", "choices.json"]
+
 
 def test_more_rows_than_small_rows_use_gemm_without_timing(simba):
     # No state is needed: with too many rows for reductions, nothing is compiled or timed to choose.
