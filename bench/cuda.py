@@ -6,8 +6,8 @@
 2. Training step: the loop's step (forward with label smoothing, backward, clipping, AdamW) in bf16 autocast at
    the paper's micro-batch (4 x 2588 tokens), for SiMBA on each path and the Transformer with SDPA's default
    kernel and with the math kernel: tokens/s, MFU (against a measured bf16 matmul), peak allocated memory (does it
-   fit the paper's RTX 3090, 24 GiB?) and what the paper's schedule (85k optimizer steps x 32 micro-batches)
-   would take at that speed.
+   fit the paper's RTX 3090, 24 GiB?) beside `simba-ttm info`'s estimate of it, and what the paper's schedule
+   (85k optimizer steps x 32 micro-batches) would take at that speed.
 3. Attention kernels: which SDPA kernels the Transformer's self- and cross-attention dispatch to in training.
 4. Decoding: ms per token of SiMBA's step (each path, and the fast one replayed from a CUDA graph) and the
    Transformer's KV-cache step at 100 and 2500 tokens, 2 rows (one caption + CFG) and 64 (an evaluation batch of
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -46,6 +47,7 @@ from modeling.builders import build_model  # noqa: E402
 from modeling.compiled import cpu_name  # noqa: E402
 from modeling.layers import state_tensors  # noqa: E402
 from modeling.lm import TextToMusicLM, with_null_condition  # noqa: E402
+from modeling.summary import estimate_train_memory  # noqa: E402
 
 SIZES = {
     "paper": {},  # ModelConfig's defaults are the paper's (tests/configs/test_config.py checks paper.yaml)
@@ -181,6 +183,9 @@ def train_variant(arch: str, size: dict, device: torch.device, fast: bool, math_
     }
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        if fast or arch != "simba":  # `simba-ttm info`'s estimate, for mamba_ssm's kernels (and bf16 on a GPU)
+            cfg = dataclasses.replace(trainee.cfg, train=dataclasses.replace(trainee.cfg.train, batch_size=batch[0]))
+            row["estimated_gib"] = estimate_train_memory(cfg, trainee.params, trainee.positions(batch[1])) / GIB
     micro_batches = PAPER_OPTIMIZER_STEPS * TrainConfig().grad_accum
     row["paper_schedule_days"] = micro_batches * seconds / 86400
     del trainee, data

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     s = summarize(cfg, text_len=args.text_len)
     t = cfg.train
     hybrid = f" (attention layers {list(cfg.model.attn_layers)})" if cfg.model.attn_layers else ""
+    kernels = " (with mamba_ssm's kernels; the pure-PyTorch path keeps far more)" if s.arch == "simba" else ""
     rows = [
         ("experiment", cfg.name),
         ("architecture", s.arch + hybrid),
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         ("sequence length", f"{s.seq_len} tokens (text prefix {args.text_len} counted for SiMBA)"),
         ("FLOPs/token forward", f"{s.flops_per_token_forward / 1e9:.3f} GFLOP"),
         ("FLOPs/token train", f"{s.flops_per_token_train / 1e9:.3f} GFLOP (3x forward)"),
-        ("train memory (est.)", f"{_gib(s.train_memory_bytes_estimate)} at micro-batch {t.batch_size}"),
+        ("train memory (est.)", f"{_gib(s.train_memory_bytes_estimate)} at micro-batch {t.batch_size}" + kernels),
         ("inference cache", f"{s.cache_bytes_per_sample / 2**20:.1f} MiB per sample for {s.generation_frames} frames"),
     ]
     width = max(len(k) for k, _ in rows)
