@@ -134,8 +134,9 @@ class SelfAttention(nn.Module):
             cache.key_mask[:, :T] = True if mask is None else mask
             cache.length = T
         if mask is None:
-            # No padding (the Cross Transformer's token stream): `is_causal` without a T x T mask lets SDPA pick
-            # FlashAttention / memory-efficient kernels on a GPU; an explicit mask rules them out.
+            # No padding (the Cross Transformer's token stream): `is_causal` without a T x T mask lets SDPA pick a
+            # fused kernel on a GPU (cuDNN attention on an H200 with torch 2.11, FlashAttention where cuDNN's is not
+            # available); a T x T mask rules FlashAttention out and costs T^2 memory.
             return self._attend(q, k, v, None, is_causal=True)
         return self._attend(q, k, v, _self_attention_mask(mask, T, x.device))  # a hybrid's left-padded prefix
 
