@@ -14,6 +14,7 @@ import torch
 
 from configs.schema import ExperimentConfig
 from modeling.builders import build_model
+from modeling.layers import state_tensors
 from modeling.lm import TextToMusicLM
 from modeling.transformer import CrossTransformer
 
@@ -137,14 +138,8 @@ def cache_bytes(model: TextToMusicLM, n_tokens: int, text_len: int) -> int:
     """Bytes of the decoding state for one sample, measured on meta-device buffers the model allocates."""
     prefix = 0 if isinstance(model, CrossTransformer) else text_len  # a prefix model's attention caches the text
     state = model.allocate_state(1, prefix + n_tokens, device="meta", dtype=torch.float32)
-    total = 0
-    for layer in state.layers:
-        for cache in (layer.mixer, layer.cross):
-            if cache is None:
-                continue
-            for value in vars(cache).values():
-                if isinstance(value, torch.Tensor) and value.dtype != torch.bool:
-                    total += value.numel() * value.element_size()
+    tensors = state_tensors(state.layers)  # the caches; the position counter and padding masks are not counted
+    total = sum(t.numel() * t.element_size() for t in tensors if t.dtype != torch.bool)
     if any(layer.cross is not None for layer in state.layers):
         d = model.d_model
         total += len(state.layers) * 2 * text_len * d * 4  # cross-attention keys/values of the caption
