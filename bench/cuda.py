@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import json
 import statistics
 import sys
@@ -184,8 +183,9 @@ def train_variant(arch: str, size: dict, device: torch.device, fast: bool, math_
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
         if fast or arch != "simba":  # `simba-ttm info`'s estimate, for mamba_ssm's kernels (and bf16 on a GPU)
-            cfg = dataclasses.replace(trainee.cfg, train=dataclasses.replace(trainee.cfg.train, batch_size=batch[0]))
-            row["estimated_gib"] = estimate_train_memory(cfg, trainee.params, trainee.positions(batch[1])) / GIB
+            # at the trainee's train.batch_size, which `training` measures at
+            estimate = estimate_train_memory(trainee.cfg, trainee.params, trainee.positions(batch[1]))
+            row["estimated_gib"] = estimate / GIB
     micro_batches = PAPER_OPTIMIZER_STEPS * TrainConfig().grad_accum
     row["paper_schedule_days"] = micro_batches * seconds / 86400
     del trainee, data
