@@ -2,30 +2,35 @@
 
 Decoding one token of a batch-1 + CFG stream multiplies a 2-row activation by every weight matrix, so a
 step is a stream over all weights. Eager PyTorch spends most of a step on ~400 small operator calls, and
-hands each 2-row product to MKL's gemm. `compiled_step` compiles `model.step` with TorchInductor, which
-fuses the small operators, and writes the weight products one of two ways (the *strategy*):
+hands each 2-row product to MKL's gemm. `compiled_step` runs `model.step` one of three ways (the *strategy*):
 
-- `reduce`: products with at most `SMALL_ROWS` rows on the CPU become reductions, one pass over the weight
-  matrix that multiplies every row while the weights stream by. On the 2-core AMD Zen 4 machines here MKL's
-  2-row gemm reads weights at ~8 GB/s (a plain read runs at ~30 GB/s), these reductions at 23-30: the
-  step takes ~6.5 ms reduced against ~19 ms with gemm at bench/generate.py's mid size;
-- `gemm`: products stay calls into the BLAS (MKL). On an Intel Xeon with AVX-512/AMX, MKL's 2-row gemm
-  streams the weights well and the reductions fall behind: on the Xeon host of an H200 box (2 threads,
-  torch 2.11) gemm took 8.3 ms/step and reduce 10.5 (bench/generate.py), and `auto` kept gemm.
+- `reduce`: TorchInductor compiles the step, which fuses the small operators, and products with at most
+  `SMALL_ROWS` rows on the CPU become reductions, one pass over the weight matrix that multiplies every row
+  while the weights stream by. On the 2-core AMD Zen 4 machines here MKL's 2-row gemm reads weights at
+  ~8 GB/s (a plain read runs at ~30 GB/s), these reductions at 23-30: the step takes ~6.5 ms reduced against
+  ~19 ms with gemm at bench/generate.py's mid size;
+- `gemm`: the same compiled step with the products left as calls into the BLAS (MKL). On an Intel Xeon with
+  AVX-512/AMX, MKL's 2-row gemm streams the weights well and the reductions fall behind: on the Xeon host of
+  an H200 box (2 threads, torch 2.11) gemm took 8.3 ms/step and reduce 10.5 (bench/generate.py);
+- `fused`: a hand-written C++ kernel for the whole step (`modeling.fused`, built with the system compiler on
+  first use, ~2 s), up to `MAX_ROWS` rows, fp32. Inductor's step runs ~16 parallel loops per layer, each
+  ending in a barrier, and reaches its kernel through ~0.4 ms of Python per call; the fused kernel has 5
+  barriers per layer and one ctypes call. On the AMD machines here it is the fastest: auto's timings at
+  bench/generate.py's mid size gave fused 5.0-5.1 ms/step, reduce 5.8-5.9 and gemm 17.9.
 
-Which is faster is a property of the machine, so by default (`auto`) the first call for a batch shape
-compiles both, times them on a copy of the caller's state, and keeps the faster; the choice is cached per
+Which is fastest is a property of the machine, so by default (`auto`) the first call for a batch shape
+builds all three, times them on copies of the caller's state, and keeps the fastest; the choice is cached per
 model, batch shape and thread count, and in a small JSON file (`choice_cache_file()`: by default
 `~/.cache/simba-ttm/decode_strategy.json`, `SIMBA_DECODE_STRATEGY_CACHE=FILE` moves it, `=off` disables it)
 keyed by the CPU model, torch version, thread count, rows, dtype, the model's weight shapes and the page size
-(below), so later processes on the machine (every Ray generation task of an evaluation is one) compile only
+(below), so later processes on the machine (every Ray generation task of an evaluation is one) build only
 the winner. Delete the file to time again. `strategy=` or the `SIMBA_DECODE_STRATEGY` environment variable
-(`auto | reduce | gemm`) forces one, for tests and for machines where the timing is known. With more than
-`SMALL_ROWS` rows (batch > 4 with CFG) both strategies are gemm, so nothing is timed.
+(`auto | reduce | gemm | fused`) forces one, for tests and for machines where the timing is known. With more
+than `SMALL_ROWS` rows (batch > 4 with CFG) every strategy is gemm, so nothing is timed.
 
-Under either strategy `realize_opcount_threshold` is lowered, so an activation feeding a product (GELU, the
-gated norm) is computed once into a buffer rather than re-evaluated inside a reduction for every output row.
-Both match the eager step to fp32 rounding (tested), and `bench/generate.py` measures them.
+Under both inductor strategies `realize_opcount_threshold` is lowered, so an activation feeding a product (GELU,
+the gated norm) is computed once into a buffer rather than re-evaluated inside a reduction for every output row.
+All three match the eager step to fp32 rounding (tested), and `bench/generate.py` measures them.
 
 A step streams all weights and the whole recurrent state, which `prefill` puts on 2 MiB pages on the CPU
 (`modeling.pages`; so are the copies of the state that `auto` times on). On the AMD machines here that made the
@@ -36,8 +41,8 @@ Only decoders whose step has fixed shapes are compiled: attention layers grow th
 which would recompile every step, so models with attention fall back to the eager step (with a warning).
 
 `modeling.lm` calls into this module (`generate(compile=True)`), so this module takes the model as a plain
-`nn.Module` (a `TextToMusicLM`: `step(tokens, state)` and `head`) and imports only `modeling.layers`: the
-dependency points one way, lm -> compiled -> layers.
+`nn.Module` (a `TextToMusicLM`: `step(tokens, state)` and `head`) and imports only the modules below it: the
+dependency points one way, lm -> compiled -> fused -> (layers, mamba2).
 """
 
 from __future__ import annotations
@@ -47,7 +52,6 @@ import functools
 import hashlib
 import json
 import os
-import platform
 import sysconfig
 import time
 import warnings
@@ -61,6 +65,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from modeling.fused import MAX_ROWS, FusedStep, FusedStepError, build_id, cpu_name
 from modeling.layers import DecodeState, SelfAttention, state_tensors
 from modeling.pages import huge_page_problem, use_huge_pages
 
@@ -70,8 +75,9 @@ SMALL_ROWS = 8
 # a reduction over a weight matrix means recomputing them once per output row.
 REALIZE_OPCOUNT_THRESHOLD = 8
 
-Strategy = Literal["reduce", "gemm"]
+Strategy = Literal["reduce", "gemm", "fused"]
 STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
+INDUCTOR_STRATEGIES: tuple[Strategy, ...] = ("reduce", "gemm")  # the rest are hand-written kernels
 STRATEGY_ENV = "SIMBA_DECODE_STRATEGY"
 # The auto choice: after one warm-up call each, `TIMING_ROUNDS` rounds of `TIMING_CALLS` steps per strategy,
 # interleaved; the strategy with the faster best round wins (other processes' load only ever adds time).
@@ -147,7 +153,7 @@ def _decode_backend(strategy: Strategy, gm: torch.fx.GraphModule, example_inputs
 
 # One backend object per strategy for the life of the process: dynamo keys its compiled code on the backend,
 # so every `compiled_step` of a model reuses what an earlier one compiled.
-_BACKENDS = {strategy: functools.partial(_decode_backend, strategy) for strategy in STRATEGIES}
+_BACKENDS = {strategy: functools.partial(_decode_backend, strategy) for strategy in INDUCTOR_STRATEGIES}
 
 
 def supports_compiled_step(model: nn.Module) -> bool:
@@ -181,24 +187,14 @@ def choice_cache_file() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "simba-ttm" / "decode_strategy.json"
 
 
-@functools.cache
-def cpu_name() -> str:
-    """The CPU model name (/proc/cpuinfo), else what `platform` knows; printed with every benchmark figure too."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _machine_key(model: nn.Module, rows: int, dtype: torch.dtype, pages: str) -> str:
-    """What a timed choice holds for: this CPU and torch, the thread count, the rows, the model's weight shapes and
-    the page size its memory is on."""
+def _machine_key(model: nn.Module, rows: int, dtype: torch.dtype, pages: str, candidates: list[str]) -> str:
+    """What a timed choice holds for: this CPU and torch, the thread count, the rows, the model's weight shapes, the
+    page size its memory is on, and the strategies timed (the fused kernel's with its build: a new kernel is timed
+    again)."""
     shapes = hashlib.sha256(repr([(n, tuple(p.shape)) for n, p in model.named_parameters()]).encode()).hexdigest()
+    timed = "/".join(f"fused {build_id()}" if s == "fused" else s for s in candidates)
     return f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {rows} rows | " + (
-        f"{str(dtype).removeprefix('torch.')} | weights {shapes[:16]} | {pages}"
+        f"{str(dtype).removeprefix('torch.')} | weights {shapes[:16]} | {pages} | {timed}"
     )
 
 
@@ -253,8 +249,26 @@ class CompiledStep:
         # Dynamo keeps compiled code on TextToMusicLM.step's code object, guarded by the backend and the input
         # shapes (parameters are graph inputs), so new wrappers, and other models of the same shapes, reuse it.
         # dynamic=False: one graph per batch size, so the row count is static.
-        self._compiled = {s: torch.compile(model.step, backend=_BACKENDS[s], dynamic=False) for s in STRATEGIES}
+        self._compiled: dict[str, StepFn] = {
+            s: torch.compile(model.step, backend=_BACKENDS[s], dynamic=False) for s in INDUCTOR_STRATEGIES
+        }
+        self._fused_problem: str | None = None  # why the fused kernel cannot run this model, once tried
         self._forced: dict[tuple, StrategyChoice] = {}
+
+    def _fused(self) -> StepFn | None:
+        """The fused kernel for this model (built on first use: `modeling.fused`), or None where it cannot run."""
+        if "fused" not in self._compiled and self._fused_problem is None:
+            try:
+                self._compiled["fused"] = FusedStep(self.model)
+                COMPILATIONS["fused"] += 1
+            except FusedStepError as err:
+                self._fused_problem = str(err)
+        return self._compiled.get("fused")
+
+    def _run(self, strategy: str, tokens: Tensor, state: DecodeState) -> Tensor:
+        if strategy == "fused" and self._fused() is None:
+            raise FusedStepError(self._fused_problem)
+        return self._compiled[strategy](tokens, state)
 
     def _key(self, tokens: Tensor) -> tuple:
         return tokens.shape[0], tokens.device, self.model.head.weight.dtype, torch.get_num_threads(), self.page_size
@@ -270,35 +284,45 @@ class CompiledStep:
         key = self._key(tokens)
         if self.requested != "auto":
             if key not in self._forced:
-                self._forced[key] = StrategyChoice(self.requested, f"forced by {self._source}")
-            return self._compiled[self.requested](tokens, state)
+                self._forced[key] = self._forced_choice(tokens)
+            return self._run(self._forced[key].strategy, tokens, state)
         choices = _CHOICES.setdefault(self.model, {})
         if key not in choices:
             choices[key] = self._choose(tokens, state)
-        return self._compiled[choices[key].strategy](tokens, state)
+        return self._run(choices[key].strategy, tokens, state)
+
+    def _forced_choice(self, tokens: Tensor) -> StrategyChoice:
+        if self.requested == "fused" and tokens.shape[0] > MAX_ROWS:
+            return StrategyChoice("gemm", f"{tokens.shape[0]} rows > the fused kernel's {MAX_ROWS}: gemm")
+        return StrategyChoice(self.requested, f"forced by {self._source}")
 
     def _choose(self, tokens: Tensor, state: DecodeState) -> StrategyChoice:
         if tokens.device.type != "cpu":
             return StrategyChoice("gemm", "not on the CPU: reductions apply to CPU products only")
         if tokens.shape[0] > SMALL_ROWS:
             return StrategyChoice("gemm", f"{tokens.shape[0]} rows > SMALL_ROWS={SMALL_ROWS}: gemm either way")
+        candidates = self._candidates()
         file = choice_cache_file()
-        key = _machine_key(self.model, tokens.shape[0], self.model.head.weight.dtype, self.page_size)
+        key = _machine_key(self.model, tokens.shape[0], self.model.head.weight.dtype, self.page_size, candidates)
         kept = _read_choices(file).get(key) if file else None
-        if isinstance(kept, dict) and kept.get("strategy") in STRATEGIES:
+        if isinstance(kept, dict) and kept.get("strategy") in candidates:
             return StrategyChoice(
                 kept["strategy"], f"timed earlier on this machine ({file})", kept.get("ms_per_step", {})
             )
-        choice = self._time_both(tokens, state)
+        choice = self._time_all(tokens, state, candidates)
         if file and choice.reason == "timed":
             _remember_choice(file, key, choice)
         return choice
 
-    def _time_both(self, tokens: Tensor, state: DecodeState) -> StrategyChoice:
+    def _candidates(self) -> list[str]:
+        """The strategies that can run this model here: inductor's, and the fused kernel where it builds."""
+        return [*INDUCTOR_STRATEGIES, *(["fused"] if self._fused() is not None else [])]
+
+    def _time_all(self, tokens: Tensor, state: DecodeState, candidates: list[str]) -> StrategyChoice:
         # Each strategy compiles, warms up and is timed on its own copy of the state: the caller's state is
         # advanced only by the real call that follows.
         trials = {}
-        for s in STRATEGIES:
+        for s in candidates:
             trials[s] = copy.deepcopy(state)
             use_huge_pages(state_tensors(trials[s]))  # the copy is plain memory; the caller's came from prefill
             try:
@@ -307,10 +331,10 @@ class CompiledStep:
             except Exception as err:  # an inductor failure for one strategy leaves the other
                 warnings.warn(f"compiling the decoding step with strategy {s!r} failed ({err!r})", stacklevel=3)
                 del trials[s]
-        if len(trials) < 2:
-            if not trials:
-                raise RuntimeError("the decoding step compiled with no strategy (see the warnings)")
-            return StrategyChoice(next(iter(trials)), "the other strategy failed to compile")
+        if not trials:
+            raise RuntimeError("the decoding step compiled with no strategy (see the warnings)")
+        if len(trials) == 1:
+            return StrategyChoice(next(iter(trials)), "the other strategies failed to compile")
         seconds: dict[str, list[float]] = {s: [] for s in trials}
         for _ in range(TIMING_ROUNDS):
             for s in trials:

@@ -23,6 +23,12 @@ from torch import Tensor, nn
 from modeling import pages
 
 
+def sinusoid_frequencies(dim: int, max_period: float = 10_000.0, device=None) -> Tensor:
+    """The (dim // 2,) float32 frequencies of `sinusoidal_embedding`."""
+    half = dim // 2
+    return torch.exp(-math.log(max_period) * torch.arange(half, device=device, dtype=torch.float32) / half)
+
+
 def sinusoidal_embedding(positions: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     """Sinusoidal position embedding (cos | sin halves, as audiocraft).
 
@@ -32,8 +38,7 @@ def sinusoidal_embedding(positions: Tensor, dim: int, max_period: float = 10_000
     Returns:
         (B, T, dim) float32.
     """
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    freqs = sinusoid_frequencies(dim, max_period, positions.device)
     angles = positions.to(torch.float32)[..., None] * freqs  # (B, T, half)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 

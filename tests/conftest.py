@@ -12,6 +12,8 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # The compiled step's auto choice is kept in a file across processes: tests start from none, and leave $HOME alone.
 os.environ["SIMBA_DECODE_STRATEGY_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="simba-strategy-"), "choices.json")
+# The fused decoding kernel is built once per test session, into a temporary folder too.
+os.environ["SIMBA_FUSED_CACHE"] = tempfile.mkdtemp(prefix="simba-fused-")
 
 from configs.schema import ModelConfig  # noqa: E402
 from modeling.builders import build_model  # noqa: E402

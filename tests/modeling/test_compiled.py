@@ -28,6 +28,8 @@ from modeling.compiled import (
     cpu_compile_problem,
     supports_compiled_step,
 )
+from modeling.fused import MAX_ROWS, FusedStepError
+from modeling.fused import build_problem as fused_build_problem
 from modeling.layers import state_tensors
 from modeling.lm import with_null_condition
 from modeling.pages import huge_page_problem, huge_pages_off
@@ -108,7 +110,8 @@ def test_auto_times_both_strategies_once_and_keeps_the_faster(simba, batch):
     step = compiled_step(simba, "auto")
     step(tokens[:, 1], state)
     choice = step.choice(4)
-    assert choice.reason == "timed" and set(choice.ms_per_step) == set(STRATEGIES)
+    assert choice.reason == "timed" and set(choice.ms_per_step) == set(step._candidates())
+    assert set(step._candidates()) == set(STRATEGIES) or fused_build_problem()  # fused: wherever it builds
     assert choice.strategy == min(choice.ms_per_step, key=choice.ms_per_step.get)
     assert torch.equal(state.next_pos, before + 1)  # the timing ran on copies: the caller's state moved once
     # Cached with the model: a new wrapper (what every `generate(compile=True)` builds) does not time again.
@@ -163,6 +166,15 @@ def test_more_rows_than_small_rows_use_gemm_without_timing(simba):
     assert choice.strategy == "gemm" and not choice.ms_per_step
 
 
+def test_forcing_fused_where_it_cannot_run_says_why(simba):
+    # More rows than the fused kernel takes: gemm, and the choice says why.
+    choice = CompiledStep(simba, "fused")._forced_choice(torch.zeros(MAX_ROWS + 2, 1, dtype=torch.long))
+    assert choice.strategy == "gemm" and "fused kernel's 8" in choice.reason
+    bf16 = tiny_model("simba").to(torch.bfloat16)
+    with pytest.raises(FusedStepError, match="fp32 weights on the CPU"):
+        CompiledStep(bf16, "fused")(torch.zeros(2, 1, dtype=torch.long), bf16.allocate_state(2, 4))
+
+
 def test_strategy_from_argument_environment_or_auto(simba, monkeypatch):
     monkeypatch.delenv(STRATEGY_ENV, raising=False)
     assert CompiledStep(simba).requested == "auto"
@@ -170,9 +182,9 @@ def test_strategy_from_argument_environment_or_auto(simba, monkeypatch):
     assert CompiledStep(simba).requested == "gemm"
     assert CompiledStep(simba, "reduce").requested == "reduce"  # the argument wins
     monkeypatch.setenv(STRATEGY_ENV, "fastest")
-    with pytest.raises(ValueError, match=f"'fastest' \\(from {STRATEGY_ENV}\\); valid: auto, reduce, gemm"):
+    with pytest.raises(ValueError, match=f"'fastest' \\(from {STRATEGY_ENV}\\); valid: auto, reduce, gemm, fused"):
         compiled_step(simba)
-    with pytest.raises(ValueError, match="valid: auto, reduce, gemm"):
+    with pytest.raises(ValueError, match="valid: auto, reduce, gemm, fused"):
         compiled_step(tiny_model("transformer"), "mkl")  # rejected on models that would not compile, too
 
 

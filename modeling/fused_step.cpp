@@ -1,0 +1,393 @@
+// SiMBA's decoding step for a few rows (batch x 2 with CFG) as one OpenMP region: see modeling/fused.py.
+//
+// A step streams every weight once. TorchInductor's version of it runs ~16 parallel loops per layer, each
+// ending in a barrier after which the next loop reads what the other cores wrote; here a layer has 5:
+//   norm1 (every thread, redundantly) -> in_proj rows split       | barrier
+//   conv + SSM + y * silu(z), split by (row, head)               | barrier
+//   conv-state shift; gated norm (redundantly) -> out_proj + x    | barrier
+//   norm2 (redundantly) -> fc1 + GELU                            | barrier
+//   fc2 + x                                                      | barrier
+// Weight products ("gemv") stream one weight row at a time and multiply every activation row by it while it is
+// in registers; each thread streams one contiguous range of weight rows.
+//
+// Everything is fp32, in the order of modeling.mamba2.Mamba2.step and modeling.layers.Block.step; results equal
+// the eager step to fp32 rounding (tests/modeling/test_fused.py). Built by modeling/fused.py with
+// `-O3 -march=native -fopenmp`; no PyTorch headers, called through ctypes.
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+constexpr int kMaxRows = 8;
+
+inline Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+
+typedef float Half __attribute__((vector_size(kLanes / 2 * sizeof(float))));
+typedef float Quarter __attribute__((vector_size(kLanes / 4 * sizeof(float))));
+
+inline float hsum(Vec v) {  // a tree of halves: 4 adds deep, in a few shuffles
+  const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+// The model's sizes, in the order of modeling/fused.py's `dims`.
+struct Dims {
+  int64_t d_model, n_layers, d_inner, d_state, ngroups, nheads, headdim, d_conv, mlp_dim, vocab;
+  int64_t d_in_proj() const { return 2 * d_inner + 2 * ngroups * d_state + nheads; }
+  int64_t conv_dim() const { return d_inner + 2 * ngroups * d_state; }
+};
+
+// Per-layer pointers, in the order of modeling/fused.py's LAYER_PARAMS.
+enum LayerParam {
+  kNorm1, kInW, kInB, kConvW, kConvB, kDtBias, kALog, kD, kGateNormW, kOutW, kOutB, kNorm2, kFc1W, kFc1B, kFc2W,
+  kFc2B, kLayerParams
+};
+constexpr int kGlobalParams = 4;  // token embedding, final norm, head, sinusoid frequencies
+constexpr int kLayerScalars = 5;  // norm1 eps, gated norm eps, norm2 eps, dt clamp low, dt clamp high
+
+inline int64_t padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// out[r, n] (+)= a[r, :] . W[n, :] (+ bias[n]) for n in [n0, n1): W is (N, K) row-major, as nn.Linear keeps it.
+template <int R, bool kAccumulate>
+void gemv(const float* W, const float* bias, const float* a, int64_t lda, float* out, int64_t ldo, int64_t n0,
+          int64_t n1, int64_t K) {
+  const int64_t k_vec = K - K % (2 * kLanes);
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* w = W + n * K;
+    Vec acc0[R], acc1[R];  // two chains per row: the adds' latency stays hidden behind the stream
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = Vec{};
+    int64_t k = 0;
+    for (; k < k_vec; k += 2 * kLanes) {
+      const Vec w0 = load(w + k), w1 = load(w + k + kLanes);
+      for (int r = 0; r < R; ++r) {
+        acc0[r] += load(a + r * lda + k) * w0;
+        acc1[r] += load(a + r * lda + k + kLanes) * w1;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc0[r] + acc1[r]);
+      for (int64_t j = k; j < K; ++j) s += a[r * lda + j] * w[j];
+      if (bias) s += bias[n];
+      if (kAccumulate)
+        out[r * ldo + n] += s;
+      else
+        out[r * ldo + n] = s;
+    }
+  }
+}
+
+typedef void (*Gemv)(const float*, const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
+
+template <bool kAccumulate>
+Gemv gemv_for(int64_t rows) {
+  switch (rows) {
+    case 1: return gemv<1, kAccumulate>;
+    case 2: return gemv<2, kAccumulate>;
+    case 3: return gemv<3, kAccumulate>;
+    case 4: return gemv<4, kAccumulate>;
+    case 5: return gemv<5, kAccumulate>;
+    case 6: return gemv<6, kAccumulate>;
+    case 7: return gemv<7, kAccumulate>;
+    case 8: return gemv<8, kAccumulate>;
+    default: return nullptr;
+  }
+}
+
+// out (+)= a . W^T (+ bias) over W's N rows, then finish(n0, n1) on each chunk of outputs. Called by every thread of
+// the parallel region; it ends in a barrier. Each thread streams one contiguous share of the rows, in chunks of
+// ~64 KiB of weights. (Handing chunks to whichever thread is free, schedule(dynamic), made the mid-size step ~10%
+// slower on the AMD VMs here: each thread's stream jumps between chunks.)
+template <typename Finish>
+void products(Gemv gemv, const float* W, const float* bias, const float* a, int64_t lda, float* out, int64_t ldo,
+              int64_t N, int64_t K, Finish finish) {
+  const int64_t step = std::max<int64_t>(kLanes, (int64_t{64} << 10) / (K * static_cast<int64_t>(sizeof(float))));
+  const int64_t chunks = (N + step - 1) / step;
+#pragma omp for schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t n0 = c * step, n1 = std::min(N, n0 + step);
+    gemv(W, bias, a, lda, out, ldo, n0, n1, K);
+    finish(n0, n1);
+  }
+}
+
+// out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight (modeling.layers.RMSNorm).
+void rms_norm(const float* x, const float* weight, float eps, float* out, int64_t rows, int64_t dim) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
+    Vec squares = Vec{};
+    int64_t i = 0;
+    for (; i + kLanes <= dim; i += kLanes) squares += load(xr + i) * load(xr + i);
+    float ss = hsum(squares);
+    for (; i < dim; ++i) ss += xr[i] * xr[i];
+    const float scale = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
+    for (i = 0; i < dim; ++i) out[r * dim + i] = xr[i] * scale * weight[i];
+  }
+}
+
+inline float softplus(float v) { return v > 20.0f ? v : std::log1p(std::exp(v)); }  // F.softplus, threshold 20
+
+typedef int32_t IntVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Vec splat(float v) { return Vec{} + v; }
+
+// exp(x), Cephes' single-precision polynomial (within ~1 ulp of std::exp): x = n ln2 + r, exp(r) by a degree-6
+// polynomial, 2^n put into the exponent bits. x is clamped to [-87.3, 88.3], where 2^n stays a normal float
+// (exp(88.3) = 2.1e38; FLT_MAX is 3.4e38).
+inline Vec vexp(Vec x) {
+  x = x < splat(-87.3f) ? splat(-87.3f) : x;
+  x = x > splat(88.3f) ? splat(88.3f) : x;
+  const Vec magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const Vec n = (x * 1.44269504088896341f + magic) - magic;
+  const Vec r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  Vec p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const IntVec bits = (__builtin_convertvector(n, IntVec) + 127) << 23;
+  Vec scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float expf_(float v) { return std::exp(v); }
+
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+inline Vec vsilu(Vec v) { return v / (1.0f + vexp(-v)); }
+
+// GELU(v) = v / 2 * (1 + erf(v / sqrt 2)) = v / 2 * erfc(-v / sqrt 2), with erfc from Numerical Recipes' Chebyshev
+// fit (relative error < 1.2e-7 everywhere): taking erfc of -u, not 1 + erf(u), keeps the relative accuracy where
+// 1 + erf(u) is small.
+inline Vec vgelu(Vec v) {
+  const Vec u = v * static_cast<float>(M_SQRT1_2);
+  const Vec a = u < 0.0f ? -u : u;
+  const Vec t = 1.0f / (1.0f + 0.5f * a);
+  Vec p = splat(0.17087277f);
+  for (float c : {-0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f, -0.18628806f, 0.09678418f, 0.37409196f,
+                  1.00002368f, -1.26551223f})
+    p = p * t + c;
+  const Vec tail = t * vexp(p - a * a);  // erfc(a)
+  return 0.5f * v * (u < 0.0f ? tail : 2.0f - tail);
+}
+
+inline float gelu(float v) { return 0.5f * v * (1.0f + std::erf(v * static_cast<float>(M_SQRT1_2))); }
+
+// v[i] = f(v[i]) for i < n: vectors, then a scalar tail.
+template <Vec (*kVector)(Vec), float (*kScalar)(float)>
+void apply(float* v, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(v + i, kVector(load(v + i)));
+  for (; i < n; ++i) v[i] = kScalar(v[i]);
+}
+
+// The layout of the workspace: buffers shared by all threads, then one private scratch per thread.
+struct Workspace {
+  int64_t x, zxbcdt, y, sumsq, hidden, scratch, scratch_floats;  // offsets and the scratch size, in floats
+
+  Workspace(const Dims& d, int64_t rows) {
+    x = 0;
+    zxbcdt = x + padded(rows * d.d_model);
+    y = zxbcdt + padded(rows * d.d_in_proj());
+    sumsq = y + padded(rows * d.d_inner);
+    hidden = sumsq + padded(rows * d.nheads);
+    scratch = hidden + padded(rows * d.mlp_dim);
+    scratch_floats = padded(std::max({rows * d.d_model, rows * d.d_inner, d.headdim + 2 * d.d_state}));
+  }
+  int64_t floats(int64_t threads) const { return scratch + threads * scratch_floats; }
+};
+
+// The causal conv over [state[1:], this step's input] for channel c, + bias, before its SiLU (the state is
+// shifted later).
+inline float conv_pre(const Dims& d, const float* const* w, const float* xbc, const float* conv, int64_t c) {
+  const int64_t K = d.d_conv;
+  const float *state = conv + c * K, *weight = w[kConvW] + c * K;
+  float s = 0.0f;
+  for (int64_t k = 0; k + 1 < K; ++k) s += state[k + 1] * weight[k];
+  s += xbc[c] * weight[K - 1];
+  return w[kConvB] ? s + w[kConvB][c] : s;
+}
+
+// B and C of group g of one row (conv outputs) into BC[0:N] and BC[N:2N].
+void group_BC(const Dims& d, const float* const* w, const float* xbc, const float* conv, int64_t g, float* BC) {
+  const int64_t N = d.d_state;
+  for (int64_t n = 0; n < N; ++n) {
+    BC[n] = conv_pre(d, w, xbc, conv, d.d_inner + g * N + n);
+    BC[N + n] = conv_pre(d, w, xbc, conv, d.d_inner + d.ngroups * N + g * N + n);
+  }
+  apply<vsilu, silu>(BC, 2 * N);
+}
+
+// One Mamba-2 head h of one row, given its group's B and C: the conv outputs of its x channels, dt, the state
+// update and y = state . C + D x, gated by silu(z), into y[0:P]. Returns sum(y^2) over the head.
+float ssm_head(const Dims& d, const float* const* w, const float* scalars, const float* zxbcdt, const float* conv,
+               const float* BC, float* ssm, float* y, float* xs, int64_t h) {  // y: this head's P outputs
+  const int64_t P = d.headdim, N = d.d_state;
+  const float *xbc = zxbcdt + d.d_inner, *Bs = BC, *Cs = BC + N;  // this step's raw conv inputs: x, B, C
+  for (int64_t p = 0; p < P; ++p) xs[p] = conv_pre(d, w, xbc, conv, h * P + p);
+  apply<vsilu, silu>(xs, P);
+  float dt = softplus(zxbcdt[d.d_inner + d.conv_dim() + h] + w[kDtBias][h]);
+  dt = std::min(std::max(dt, scalars[3]), scalars[4]);
+  const float dA = std::exp(dt * -std::exp(w[kALog][h]));
+  const float Dh = w[kD][h];
+  const int64_t n_vec = N - N % kLanes;
+  for (int64_t p = 0; p < P; ++p) {
+    float* row = ssm + (h * P + p) * N;
+    const float xdt = xs[p] * dt;
+    Vec acc = Vec{};
+    int64_t n = 0;
+    for (; n < n_vec; n += kLanes) {  // state' = dA state + (x dt) B;  y = state' . C
+      const Vec s = load(row + n) * dA + xdt * load(Bs + n);
+      store(row + n, s);
+      acc += s * load(Cs + n);
+    }
+    float yp = hsum(acc);
+    for (; n < N; ++n) {
+      const float s = row[n] * dA + xdt * Bs[n];
+      row[n] = s;
+      yp += s * Cs[n];
+    }
+    y[p] = yp + Dh * xs[p];
+  }
+  // y * silu(z), and its sum of squares for the gated norm.
+  const float* z = zxbcdt + h * P;
+  int64_t p = 0;
+  Vec squares = Vec{};
+  for (; p + kLanes <= P; p += kLanes) {
+    const Vec g = load(y + p) * vsilu(load(z + p));
+    store(y + p, g);
+    squares += g * g;
+  }
+  float sumsq = hsum(squares);
+  for (; p < P; ++p) {
+    y[p] *= silu(z[p]);
+    sumsq += y[p] * y[p];
+  }
+  return sumsq;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Floats of workspace `simba_fused_step` needs for `rows` rows and `threads` threads.
+int64_t simba_fused_workspace_floats(const int64_t* dims, int64_t rows, int64_t threads) {
+  const Dims d = *reinterpret_cast<const Dims*>(dims);
+  return Workspace(d, rows).floats(threads);
+}
+
+// One decoding step: logits (rows, vocab) for `tokens` (rows,), advancing every layer's conv and SSM state and
+// next_pos (rows,) in place. Returns 0, or 1 for an unsupported row count, 2 for a token outside the vocabulary.
+int simba_fused_step(const int64_t* dims, const float* scalars, const float* const* params, float* const* states,
+                     const int64_t* tokens, int64_t* next_pos, float* logits, float* workspace, int64_t rows,
+                     int64_t threads) {
+  const Dims d = *reinterpret_cast<const Dims*>(dims);
+  if (rows < 1 || rows > kMaxRows) return 1;
+  for (int64_t r = 0; r < rows; ++r)
+    if (tokens[r] < 0 || tokens[r] >= d.vocab) return 2;
+  const Gemv product = gemv_for<false>(rows), product_add = gemv_for<true>(rows);
+  const Workspace layout(d, rows);
+  float *const x_buf = workspace + layout.x, *const zx_buf = workspace + layout.zxbcdt, *const y_buf = workspace + layout.y;
+  float *const sumsq_buf = workspace + layout.sumsq, *const hidden_buf = workspace + layout.hidden;
+  const int64_t D = d.d_model, din = d.d_in_proj(), di = d.d_inner, H = d.nheads;
+  const int64_t conv_dim = d.conv_dim(), K = d.d_conv, group = di / d.ngroups;
+
+  // Token embedding + sinusoidal position (cos | sin halves; params[3] holds the frequencies).
+  const float *embedding = params[0], *freqs = params[3];
+  const int64_t half = D / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = x_buf + r * D;
+    std::memcpy(x, embedding + tokens[r] * D, D * sizeof(float));
+    const float pos = static_cast<float>(next_pos[r]);
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = pos * freqs[i];
+      x[i] += std::cos(angle);
+      x[half + i] += std::sin(angle);
+    }
+  }
+
+  const auto none = [](int64_t, int64_t) {};
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    float* scratch = workspace + layout.scratch + omp_get_thread_num() * layout.scratch_floats;
+    for (int64_t l = 0; l < d.n_layers; ++l) {
+      const float* const* w = params + kGlobalParams + l * kLayerParams;
+      const float* s = scalars + l * kLayerScalars;
+      float *conv = states[2 * l], *ssm = states[2 * l + 1];
+
+      rms_norm(x_buf, w[kNorm1], s[0], scratch, rows, D);
+      products(product, w[kInW], w[kInB], scratch, D, zx_buf, din, din, D, none);
+
+      const int64_t heads_per_group = H / d.ngroups;
+      float *BC = scratch, *xs = scratch + 2 * d.d_state;
+      int64_t have = -1;  // the (row, group) whose B, C this thread has in BC
+#pragma omp for schedule(static)
+      for (int64_t task = 0; task < rows * H; ++task) {
+        const int64_t r = task / H, h = task % H, rg = r * d.ngroups + h / heads_per_group;
+        const float *zx = zx_buf + r * din, *conv_r = conv + r * conv_dim * K;
+        if (rg != have) group_BC(d, w, zx + di, conv_r, h / heads_per_group, BC), have = rg;
+        sumsq_buf[r * H + h] = ssm_head(d, w, s, zx, conv_r, BC, ssm + r * H * d.headdim * d.d_state,
+                                        y_buf + r * di + h * d.headdim, xs, h);
+      }  // (a worksharing loop ends in a barrier unless it says nowait)
+
+#pragma omp for nowait
+      for (int64_t rc = 0; rc < rows * conv_dim; ++rc) {  // the conv state takes this step's input (read above)
+        float* state = conv + rc * K;
+        for (int64_t k = 0; k + 1 < K; ++k) state[k] = state[k + 1];
+        state[K - 1] = zx_buf[(rc / conv_dim) * din + di + rc % conv_dim];
+      }
+      // Gated RMSNorm (y already holds y * silu(z)), per group of heads, with the per-head sums of squares.
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t g = 0; g < d.ngroups; ++g) {
+          float ss = 0.0f;
+          for (int64_t h = g * heads_per_group; h < (g + 1) * heads_per_group; ++h) ss += sumsq_buf[r * H + h];
+          const float scale = 1.0f / std::sqrt(ss / static_cast<float>(group) + s[1]);
+          for (int64_t i = g * group; i < (g + 1) * group; ++i)
+            scratch[r * di + i] = y_buf[r * di + i] * scale * w[kGateNormW][i];
+        }
+      products(product_add, w[kOutW], w[kOutB], scratch, di, x_buf, D, D, di, none);
+
+      rms_norm(x_buf, w[kNorm2], s[2], scratch, rows, D);
+      products(product, w[kFc1W], w[kFc1B], scratch, D, hidden_buf, d.mlp_dim, d.mlp_dim, D,
+               [&](int64_t n0, int64_t n1) {
+                 for (int64_t r = 0; r < rows; ++r) apply<vgelu, gelu>(hidden_buf + r * d.mlp_dim + n0, n1 - n0);
+               });
+      products(product_add, w[kFc2W], w[kFc2B], hidden_buf, d.mlp_dim, x_buf, D, D, d.mlp_dim, none);
+    }
+    rms_norm(x_buf, params[1], scalars[d.n_layers * kLayerScalars], scratch, rows, D);
+    products(product, params[2], nullptr, scratch, D, logits, d.vocab, d.vocab, D, none);
+  }
+  for (int64_t r = 0; r < rows; ++r) next_pos[r] += 1;
+  return 0;
+}
+
+// For tests: out = f(in) elementwise, through the vector code and its scalar tail, with f by `which`: 0 exp,
+// 1 SiLU, 2 GELU. Returns 0, or 1 for an unknown `which`.
+int simba_fused_math(int64_t which, const float* in, float* out, int64_t n) {
+  std::memcpy(out, in, n * sizeof(float));
+  switch (which) {
+    case 0: apply<vexp, expf_>(out, n); return 0;
+    case 1: apply<vsilu, silu>(out, n); return 0;
+    case 2: apply<vgelu, gelu>(out, n); return 0;
+    default: return 1;
+  }
+}
+
+}  // extern "C"
