@@ -27,13 +27,14 @@ every parameter the step touches (the text projection is prefill-only; the token
 rows looked up); the state counts once (read); a step also writes it back, which `_rw` counts too. Bandwidth
 and step time are measured alternately in rounds, and the fraction is the median of the per-round fractions.
 To tell what keeps a step from its limit, the same graph at width 64 (NARROW) is timed in the same rounds: its
-step streams next to nothing, so its time is a step's fixed cost (the Python call, dynamo's guards, one barrier
-per parallel loop), and the rest of the mid-size step is streaming (`streaming_gbps`).
+step streams next to nothing, so its time is a step's fixed cost (the Python call, dynamo's guards for inductor's
+strategies, one barrier per parallel loop, and the per-row work of the norms, activations and SSM heads), and the
+rest of the mid-size step is streaming (`streaming_gbps`).
 
-    python bench/generate.py [--json] [--repeats 5] [--strategy auto|reduce|gemm] [--compiled-baseline]
+    python bench/generate.py [--json] [--repeats 5] [--strategy auto|reduce|gemm|fused] [--compiled-baseline]
 
 `--strategy` forces the compiled step's weight-product strategy (default: `SIMBA_DECODE_STRATEGY`, else auto:
-time both and keep the faster, as generation does). `--compiled-baseline` also times one recompute forward at
+time all and keep the fastest, as generation does). `--compiled-baseline` also times one recompute forward at
 862 tokens under default torch.compile, to show how much of the speed-up a compiled baseline would take back.
 
 Targets (issues 2 and 10): simba_flatness <= 1.1, speedup_vs_recompute_862 >= 100, bandwidth_limit_fraction
@@ -47,6 +48,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -77,6 +79,7 @@ NARROW = dict(MID, d_model=64, mlp_dim=128, d_state=16, headdim=16, n_heads=4)
 BANDWIDTH_BUFFER_BYTES = 1 << 30  # far beyond any L3 here (32 MiB per Zen 4 CCD; Xeons up to ~100 MiB)
 TARGET_FRACTION = 0.7
 GENERATE_RUNS = 3  # whole compiled generations timed for the speed-up over recompute
+SETTLE_CALLS = 3  # untimed steps after each bandwidth measurement (see bandwidth_rounds)
 
 
 def _median_time(fn, repeats: int, warmup: int = 2) -> float:
@@ -101,16 +104,27 @@ def _inputs(model: TextToMusicLM, length: int, seed: int = 0):
 
 
 @torch.no_grad()
-def step_time(model: TextToMusicLM, position: int, repeats: int, step=None, huge_pages: bool = True) -> float:
-    """Seconds for one cached decoding step after `position` tokens (`step`: default model.step), with the state
-    on huge pages as generation allocates it, or (`huge_pages=False`) on 4 KiB pages."""
+def step_times(model: TextToMusicLM, repeats: int, step=None, huge_pages: bool = True) -> dict[int, float]:
+    """Seconds for one cached decoding step after each of POSITIONS tokens (`step`: default model.step), with the
+    state on huge pages as generation allocates it, or (`huge_pages=False`) on 4 KiB pages. The positions are timed
+    one call each in turn, so that the machine's drift (other load, its memory bandwidth) reaches both alike: their
+    ratio is the flatness."""
     step = step or model.step
-    tokens, text, mask = _inputs(model, position)
-    with contextlib.nullcontext() if huge_pages else huge_pages_off():
-        _, state = model.prefill(tokens, text, mask, max_len=position + repeats + 8)
-    token = tokens[:, -1]
-    # Each call advances the state by one position: fine for timing (a few positions past `position`).
-    return _median_time(lambda: step(token, state), repeats)
+    calls = []
+    for position in POSITIONS:
+        tokens, text, mask = _inputs(model, position)
+        with contextlib.nullcontext() if huge_pages else huge_pages_off():
+            _, state = model.prefill(tokens, text, mask, max_len=position + repeats + 8)
+        # Each call advances the state by one position: fine for timing (a few positions past `position`).
+        calls.append(functools.partial(step, tokens[:, -1], state))
+    times: list[list[float]] = [[] for _ in POSITIONS]
+    for round_ in range(repeats + 2):
+        for call, seconds in zip(calls, times, strict=True):
+            t0 = time.perf_counter()
+            call()
+            if round_ >= 2:  # two warm-up rounds
+                seconds.append(time.perf_counter() - t0)
+    return {position: statistics.median(seconds) for position, seconds in zip(POSITIONS, times, strict=True)}
 
 
 @torch.no_grad()
@@ -160,12 +174,16 @@ def bandwidth_rounds(variants: list[PagedStep], rounds: int, calls: int = 10) ->
     Bandwidth is one `sum` over an fp32 buffer of BANDWIDTH_BUFFER_BYTES with torch's threads (a pure read
     stream), on the pages its step uses: put on huge pages (`modeling.pages`) for a step that uses them, the
     allocator's 4 KiB pages otherwise. Alternating lets a burst of load from another process slow all alike.
+    After that stream the next few steps are slower than a generation's back-to-back steps (on the AMD VMs here
+    the first three took 10-15% longer than the seven after them), so SETTLE_CALLS untimed steps precede the
+    `calls` timed ones.
     """
     setups = []
     for variant in variants:
         tokens, text, mask = _inputs(variant.model, POSITIONS[0])
         with contextlib.nullcontext() if variant.huge_pages else huge_pages_off():  # the state's pages
-            _, state = variant.model.prefill(tokens, text, mask, max_len=POSITIONS[0] + rounds * calls + 8)
+            max_len = POSITIONS[0] + rounds * (SETTLE_CALLS + calls) + 8
+            _, state = variant.model.prefill(tokens, text, mask, max_len=max_len)
         buffer = torch.ones(BANDWIDTH_BUFFER_BYTES // 4 if variant.measure_bandwidth else 1)  # first touch
         if variant.huge_pages:
             use_huge_pages([buffer])
@@ -178,6 +196,8 @@ def bandwidth_rounds(variants: list[PagedStep], rounds: int, calls: int = 10) ->
                 t0 = time.perf_counter()
                 buffer.sum()
                 variant.bandwidth.append(BANDWIDTH_BUFFER_BYTES / (time.perf_counter() - t0))
+            for _ in range(SETTLE_CALLS):
+                variant.step(token, state)
             t0 = time.perf_counter()
             for _ in range(calls):
                 variant.step(token, state)
@@ -261,13 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         variants.append(narrow)
     bandwidth_rounds(variants, args.repeats * 2)
     weight_bytes, state_bytes = step_bytes(simba, ROWS)
-    rows = {}
-    for pos in POSITIONS:
-        rows[("simba step", pos)] = step_time(simba, pos, args.repeats * 4)
-        rows[("simba step (compiled)", pos)] = step_time(simba, pos, args.repeats * 4, fast_step)
-        rows[("  on 4 KiB pages", pos)] = step_time(simba_small_pages, pos, args.repeats * 4, small.step, False)
-        rows[("transformer kv cache", pos)] = step_time(transformer, pos, args.repeats * 4)
-        rows[("simba recompute", pos)] = recompute_time(simba, pos, args.repeats)
+    timed = {
+        "simba step": step_times(simba, args.repeats * 4),
+        "simba step (compiled)": step_times(simba, args.repeats * 4, fast_step),
+        "  on 4 KiB pages": step_times(simba_small_pages, args.repeats * 4, small.step, False),
+        "transformer kv cache": step_times(transformer, args.repeats * 4),
+        "simba recompute": {pos: recompute_time(simba, pos, args.repeats) for pos in POSITIONS},
+    }
+    rows = {(name, pos): seconds[pos] for name, seconds in timed.items() for pos in POSITIONS}
 
     gen_simba = generate_time(simba, N_FRAMES)
     # The headline's numerator: the median of GENERATE_RUNS whole generations (one run is a single ~5 s sample).
