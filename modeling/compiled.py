@@ -13,10 +13,11 @@ hands each 2-row product to MKL's gemm. `compiled_step` runs `model.step` one of
   AVX-512/AMX, MKL's 2-row gemm streams the weights well and the reductions fall behind: on the Xeon host of
   an H200 box (2 threads, torch 2.11) gemm took 8.3 ms/step and reduce 10.5 (bench/generate.py);
 - `fused`: a hand-written C++ kernel for the whole step (`modeling.fused`, built with the system compiler on
-  first use, ~2 s), up to `MAX_ROWS` rows, fp32. Inductor's step runs ~16 parallel loops per layer, each
-  ending in a barrier, and reaches its kernel through ~0.4 ms of Python per call; the fused kernel has 5
-  barriers per layer and one ctypes call. On the AMD machines here it is the fastest: auto's timings at
-  bench/generate.py's mid size gave fused 5.0-5.1 ms/step, reduce 5.8-5.9 and gemm 17.9.
+  first use, ~2 s), up to `MAX_ROWS` rows (in register blocks of 8: the weights are read once), fp32.
+  Inductor's step runs ~16 parallel loops per layer, each ending in a barrier, and reaches its kernel through
+  ~0.4 ms of Python per call; the fused kernel has 5 barriers per layer and one ctypes call. On the AMD
+  machines here it is the fastest: auto's timings at bench/generate.py's mid size gave fused 5.0-5.1 ms/step,
+  reduce 5.8-5.9 and gemm 17.9.
 
 Which is fastest is a property of the machine, so by default (`auto`) the first call for a batch shape
 builds all three, times them on copies of the caller's state, and keeps the fastest; the choice is cached per
@@ -26,7 +27,8 @@ keyed by the CPU model, torch version, thread count, rows, dtype, the model's we
 (below), so later processes on the machine (every Ray generation task of an evaluation is one) build only
 the winner. Delete the file to time again. `strategy=` or the `SIMBA_DECODE_STRATEGY` environment variable
 (`auto | reduce | gemm | fused`) forces one, for tests and for machines where the timing is known. With more
-than `SMALL_ROWS` rows (batch > 4 with CFG) every strategy is gemm, so nothing is timed.
+than `SMALL_ROWS` rows (batch > 4 with CFG) reduce's products are gemm's, so gemm and fused are timed; above
+`MAX_ROWS` (batch > 32) only gemm runs, and nothing is timed.
 
 Under both inductor strategies `realize_opcount_threshold` is lowered, so an activation feeding a product (GELU,
 the gated norm) is computed once into a buffer rather than re-evaluated inside a reduction for every output row.
@@ -299,9 +301,9 @@ class CompiledStep:
     def _choose(self, tokens: Tensor, state: DecodeState) -> StrategyChoice:
         if tokens.device.type != "cpu":
             return StrategyChoice("gemm", "not on the CPU: reductions apply to CPU products only")
-        if tokens.shape[0] > SMALL_ROWS:
-            return StrategyChoice("gemm", f"{tokens.shape[0]} rows > SMALL_ROWS={SMALL_ROWS}: gemm either way")
-        candidates = self._candidates()
+        candidates = self._candidates(tokens.shape[0])
+        if len(candidates) == 1:
+            return StrategyChoice(candidates[0], f"{tokens.shape[0]} rows: {candidates[0]} is the only strategy")
         file = choice_cache_file()
         key = _machine_key(self.model, tokens.shape[0], self.model.head.weight.dtype, self.page_size, candidates)
         kept = _read_choices(file).get(key) if file else None
@@ -314,9 +316,11 @@ class CompiledStep:
             _remember_choice(file, key, choice)
         return choice
 
-    def _candidates(self) -> list[str]:
-        """The strategies that can run this model here: inductor's, and the fused kernel where it builds."""
-        return [*INDUCTOR_STRATEGIES, *(["fused"] if self._fused() is not None else [])]
+    def _candidates(self, rows: int) -> list[str]:
+        """The strategies worth timing for `rows` rows: reduce (only up to SMALL_ROWS: above, its products are gemm's),
+        gemm, and the fused kernel where it builds (up to MAX_ROWS)."""
+        fused = rows <= MAX_ROWS and self._fused() is not None
+        return [*(["reduce"] if rows <= SMALL_ROWS else []), "gemm", *(["fused"] if fused else [])]
 
     def _time_all(self, tokens: Tensor, state: DecodeState, candidates: list[str]) -> StrategyChoice:
         # Each strategy compiles, warms up and is timed on its own copy of the state: the caller's state is

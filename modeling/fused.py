@@ -20,7 +20,8 @@ within 2e-6 relative of float64 wherever |value| >= 1e-6 (`kernel_math`, tested)
 GELU in its left tail. The weights' and states' addresses are read on every call (a parameter whose `.data` is
 replaced is seen), and checked for dtype and layout whenever one changes.
 
-Supports what `PrefixSiMBA` builds, attention-free, fp32 on the CPU, 1..8 rows (`MAX_ROWS`);
+Supports what `PrefixSiMBA` builds, attention-free, fp32 on the CPU, 1..64 rows (`MAX_ROWS`; products multiply
+blocks of 8 rows by each weight row while it is in L1, so weights are read once);
 `fused_problem(model)` says why another model cannot use it.
 """
 
@@ -44,7 +45,7 @@ from modeling.mamba2 import Mamba2
 
 SOURCE = Path(__file__).with_name("fused_step.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-MAX_ROWS = 8  # fused_step.cpp's kMaxRows
+MAX_ROWS = 64  # fused_step.cpp's kMaxRows
 BUILD_DIR_ENV = "SIMBA_FUSED_CACHE"
 # Per layer, in fused_step.cpp's LayerParam order: attribute paths from a Block (None: an absent bias).
 LAYER_PARAMS = (

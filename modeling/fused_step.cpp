@@ -25,7 +25,8 @@ namespace {
 
 constexpr int kLanes = 16;
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-constexpr int kMaxRows = 8;
+constexpr int kBlockRows = 8;  // rows per register block of a weight product
+constexpr int kMaxRows = 64;
 
 inline Vec load(const float* p) {
   Vec v;
@@ -93,6 +94,12 @@ void gemv(const float* W, const float* bias, const float* a, int64_t lda, float*
 
 typedef void (*Gemv)(const float*, const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
 
+// More rows than kBlockRows: blocks of them per weight row, which stays in L1 between blocks (weights are still
+// read from memory once).
+template <bool kAccumulate>
+void gemv_blocked(const float* W, const float* bias, const float* a, int64_t lda, float* out, int64_t ldo, int64_t n0,
+                  int64_t n1, int64_t K, int64_t rows);
+
 template <bool kAccumulate>
 Gemv gemv_for(int64_t rows) {
   switch (rows) {
@@ -108,12 +115,43 @@ Gemv gemv_for(int64_t rows) {
   }
 }
 
+template <bool kAccumulate>
+void gemv_blocked(const float* W, const float* bias, const float* a, int64_t lda, float* out, int64_t ldo, int64_t n0,
+                  int64_t n1, int64_t K, int64_t rows) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows) {
+      const int64_t block = std::min<int64_t>(kBlockRows, rows - r0);
+      gemv_for<kAccumulate>(block)(W, bias, a + r0 * lda, lda, out + r0 * ldo, ldo, n, n + 1, K);
+    }
+}
+
+// A weight product for `rows` activation rows: one register block, or (more rows) blocks per weight row.
+struct Product {
+  Gemv block;  // null: gemv_blocked
+  void (*blocked)(const float*, const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t,
+                  int64_t);
+  int64_t rows;
+
+  void operator()(const float* W, const float* bias, const float* a, int64_t lda, float* out, int64_t ldo, int64_t n0,
+                  int64_t n1, int64_t K) const {
+    if (block)
+      block(W, bias, a, lda, out, ldo, n0, n1, K);
+    else
+      blocked(W, bias, a, lda, out, ldo, n0, n1, K, rows);
+  }
+};
+
+template <bool kAccumulate>
+Product product_for(int64_t rows) {
+  return Product{gemv_for<kAccumulate>(rows), gemv_blocked<kAccumulate>, rows};
+}
+
 // out (+)= a . W^T (+ bias) over W's N rows, then finish(n0, n1) on each chunk of outputs. Called by every thread of
 // the parallel region; it ends in a barrier. Each thread streams one contiguous share of the rows, in chunks of
 // ~64 KiB of weights. (Handing chunks to whichever thread is free, schedule(dynamic), made the mid-size step ~10%
 // slower on the AMD VMs here: each thread's stream jumps between chunks.)
 template <typename Finish>
-void products(Gemv gemv, const float* W, const float* bias, const float* a, int64_t lda, float* out, int64_t ldo,
+void products(const Product& gemv, const float* W, const float* bias, const float* a, int64_t lda, float* out, int64_t ldo,
               int64_t N, int64_t K, Finish finish) {
   const int64_t step = std::max<int64_t>(kLanes, (int64_t{64} << 10) / (K * static_cast<int64_t>(sizeof(float))));
   const int64_t chunks = (N + step - 1) / step;
@@ -302,7 +340,7 @@ int simba_fused_step(const int64_t* dims, const float* scalars, const float* con
   if (rows < 1 || rows > kMaxRows) return 1;
   for (int64_t r = 0; r < rows; ++r)
     if (tokens[r] < 0 || tokens[r] >= d.vocab) return 2;
-  const Gemv product = gemv_for<false>(rows), product_add = gemv_for<true>(rows);
+  const Product product = product_for<false>(rows), product_add = product_for<true>(rows);
   const Workspace layout(d, rows);
   float *const x_buf = workspace + layout.x, *const zx_buf = workspace + layout.zxbcdt, *const y_buf = workspace + layout.y;
   float *const sumsq_buf = workspace + layout.sumsq, *const hidden_buf = workspace + layout.hidden;

@@ -110,8 +110,8 @@ def test_auto_times_both_strategies_once_and_keeps_the_faster(simba, batch):
     step = compiled_step(simba, "auto")
     step(tokens[:, 1], state)
     choice = step.choice(4)
-    assert choice.reason == "timed" and set(choice.ms_per_step) == set(step._candidates())
-    assert set(step._candidates()) == set(STRATEGIES) or fused_build_problem()  # fused: wherever it builds
+    assert choice.reason == "timed" and set(choice.ms_per_step) == set(step._candidates(4))
+    assert set(step._candidates(4)) == set(STRATEGIES) or fused_build_problem()  # fused: wherever it builds
     assert choice.strategy == min(choice.ms_per_step, key=choice.ms_per_step.get)
     assert torch.equal(state.next_pos, before + 1)  # the timing ran on copies: the caller's state moved once
     # Cached with the model: a new wrapper (what every `generate(compile=True)` builds) does not time again.
@@ -159,17 +159,19 @@ def test_the_choice_cache_file_is_configurable_and_survives_a_broken_file(simba,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder", "choices.json"]
 
 
-def test_more_rows_than_small_rows_use_gemm_without_timing(simba):
-    # No state is needed: with too many rows for reductions, nothing is compiled or timed to choose.
+def test_more_rows_narrow_the_strategies_timed(simba):
     step = CompiledStep(simba, "auto")
-    choice = step._choose(torch.zeros(SMALL_ROWS + 2, 1, dtype=torch.long), state=None)
-    assert choice.strategy == "gemm" and not choice.ms_per_step
+    # Above SMALL_ROWS reduce's products are gemm's: gemm and (where it builds) fused are timed.
+    assert step._candidates(SMALL_ROWS + 2) == ["gemm", *([] if fused_build_problem() else ["fused"])]
+    # Above the fused kernel's rows only gemm runs: nothing is compiled or timed to choose (so no state is needed).
+    choice = step._choose(torch.zeros(MAX_ROWS + 2, 1, dtype=torch.long), state=None)
+    assert choice.strategy == "gemm" and "only strategy" in choice.reason and not choice.ms_per_step
 
 
 def test_forcing_fused_where_it_cannot_run_says_why(simba):
     # More rows than the fused kernel takes: gemm, and the choice says why.
     choice = CompiledStep(simba, "fused")._forced_choice(torch.zeros(MAX_ROWS + 2, 1, dtype=torch.long))
-    assert choice.strategy == "gemm" and "fused kernel's 8" in choice.reason
+    assert choice.strategy == "gemm" and f"fused kernel's {MAX_ROWS}" in choice.reason
     bf16 = tiny_model("simba").to(torch.bfloat16)
     with pytest.raises(FusedStepError, match="fp32 weights on the CPU"):
         CompiledStep(bf16, "fused")(torch.zeros(2, 1, dtype=torch.long), bf16.allocate_state(2, 4))

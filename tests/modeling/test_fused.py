@@ -44,7 +44,7 @@ def threads():
 def _prompt(rows: int, vocab: int, steps: int):
     """Captions of different lengths for `rows` rows (an even count: captions + their null twins, as CFG runs)."""
     captions = rows // 2 if rows % 2 == 0 else rows
-    text, mask = random_text([3, 5, 2, 6, 4, 1, 7, 2][:captions], seed=7)
+    text, mask = random_text([3, 5, 2, 6, 4, 1, 7, 2, 3, 5, 2, 6, 4, 1][:captions], seed=7)
     if rows % 2 == 0:
         text, mask = with_null_condition(text, mask)
     tokens = torch.randint(0, vocab - 1, (rows, steps + 2), generator=torch.Generator().manual_seed(rows))
@@ -54,8 +54,8 @@ def _prompt(rows: int, vocab: int, steps: int):
 
 @pytest.mark.parametrize(
     "config, rows, n_threads",
-    [({}, 4, 2), ({}, 1, 1), (ODD, 2, 2), (ODD, 3, 1), (dict(ODD, ngroups=2), 8, 2)],
-    ids=["tiny-4rows-2threads", "tiny-1row-1thread", "odd-2rows-2threads", "odd-3rows-1thread", "groups-8rows"],
+    [({}, 4, 2), ({}, 1, 1), (ODD, 2, 2), (ODD, 3, 1), (dict(ODD, ngroups=2), 8, 2), (ODD, 14, 2)],
+    ids=["tiny-4rows", "tiny-1row-1thread", "odd-2rows", "odd-3rows-1thread", "groups-8rows", "odd-14rows-blocked"],
 )
 @torch.no_grad()
 def test_fused_step_equals_the_eager_step(config, rows, n_threads, threads):
