@@ -355,8 +355,8 @@ def compiled_step(model: nn.Module, strategy: str | None = None) -> StepFn:
 
     Args:
         model: a `TextToMusicLM`.
-        strategy: `auto` (time `reduce` and `gemm` on the first call per batch shape and keep the faster),
-            `reduce` or `gemm`; None reads `SIMBA_DECODE_STRATEGY`, and defaults to `auto`.
+        strategy: `auto` (time the strategies that apply on the first call per batch shape and keep the fastest),
+            `reduce`, `gemm` or `fused`; None reads `SIMBA_DECODE_STRATEGY`, and defaults to `auto`.
     Returns the eager `model.step` (and warns) for models with attention layers, and on a CPU that cannot
     build kernels; otherwise a `CompiledStep`.
     """

@@ -18,7 +18,11 @@ and keeps the fastest.
 Its SiLU and GELU use a vectorised exp (Cephes' polynomial) and GELU = x/2 erfc(-x/sqrt 2) from a Chebyshev fit:
 within 2e-6 relative of float64 wherever |value| >= 1e-6 (`kernel_math`, tested), closer than torch's own fp32
 GELU in its left tail. The weights' and states' addresses are read on every call (a parameter whose `.data` is
-replaced is seen), and checked for dtype and layout whenever one changes.
+replaced is seen), and checked for dtype and layout whenever one changes; the states' shapes on every call. The
+Parameter objects themselves, the norms' eps and dt_limit are read when the step is built: replacing a Parameter
+object (`module.weight = nn.Parameter(...)`) needs a new step, which every `generate(compile=True)` builds. One
+step object is not for concurrent calls from several Python threads (ctypes releases the GIL; the workspace is
+shared), as one decoding state is not.
 
 Supports what `PrefixSiMBA` builds, attention-free, fp32 on the CPU, 1..64 rows (`MAX_ROWS`; products multiply
 blocks of 8 rows by each weight row while it is in L1, so weights are read once);
@@ -94,7 +98,10 @@ def _library() -> ctypes.CDLL:
     if not target.is_file():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:  # a read-only home: build for this process only
+            writable = os.access(target.parent, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:  # a read-only home: build for this process only
             target = Path(tempfile.mkdtemp(prefix="simba-fused-")) / target.name
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         built = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
@@ -148,11 +155,16 @@ def fused_problem(model: nn.Module) -> str | None:
         return "the fused step runs fp32 weights on the CPU"
     if model.d_model % 2:
         return f"odd d_model {model.d_model}"
+    if not isinstance(model.norm_f, RMSNorm) or tuple(model.token_emb.weight.shape) != (
+        model.head.out_features,
+        model.d_model,
+    ):
+        return "the final norm, token embedding or head is not the fused kernel's (RMSNorm, vocab x d_model)"
     for i, layer in enumerate(layers):
         mixer = getattr(layer, "mixer", None)
         if not isinstance(mixer, Mamba2) or getattr(layer, "cross_attn", None) is not None:
             return f"layer {i} is not a Mamba-2 block (attention or cross-attention)"
-        if not isinstance(layer.mlp, MLP) or not isinstance(layer.norm1, RMSNorm):
+        if not isinstance(layer.mlp, MLP) or not all(isinstance(n, RMSNorm) for n in (layer.norm1, layer.norm2)):
             return f"layer {i}'s MLP or norm is not the fused kernel's"
         if not mixer.rmsnorm or mixer.norm_before_gate or mixer.D.dim() != 1:
             return f"layer {i}'s Mamba-2 options (rmsnorm, norm_before_gate, D per head) differ from the kernel's"
@@ -200,8 +212,10 @@ class FusedStep:
             self._params += [_attribute(layer, path) for path in LAYER_PARAMS]
         self._vocab = model.head.out_features
         self._workspaces: dict[tuple[int, int], Tensor] = {}  # (rows, threads) -> scratch memory
-        # Pointer arrays of the last weights and states, and the batch that state was checked for.
-        self._kept: dict[str, object] = {"rows": None, "states": None}
+        # Pointer arrays of the last weights and states.
+        self._kept: dict[str, tuple[list[int], ctypes.Array]] = {}
+        mixer = model.layers[0].mixer
+        self._state_shapes = [(mixer.conv_dim, mixer.d_conv), (mixer.nheads, mixer.headdim, mixer.d_state)]
 
     def _pointers(self, tensors: list[Tensor | None], what: str) -> ctypes.Array:
         """A C array of the tensors' data pointers, rebuilt (and the tensors checked) only when one moved."""
@@ -218,6 +232,8 @@ class FusedStep:
 
     def __call__(self, tokens: Tensor, state: DecodeState) -> Tensor:
         tokens = tokens.reshape(-1)
+        if tokens.device.type != "cpu":
+            raise FusedStepError("the fused step takes CPU tokens")
         if tokens.dtype != torch.int64 or not tokens.is_contiguous():
             tokens = tokens.to(torch.int64).contiguous()
         rows, threads = tokens.shape[0], torch.get_num_threads()
@@ -226,14 +242,17 @@ class FusedStep:
         next_pos = state.next_pos
         if next_pos.shape != (rows,):
             raise FusedStepError(f"the decoding state was allocated for another batch than {rows} rows")
-        if next_pos.dtype != torch.int64 or not next_pos.is_contiguous():
-            raise FusedStepError("state.next_pos must be a contiguous int64 tensor")
+        if next_pos.dtype != torch.int64 or next_pos.device.type != "cpu" or not next_pos.is_contiguous():
+            raise FusedStepError("state.next_pos must be a contiguous int64 CPU tensor")
         states = [t for layer in state.layers for t in (layer.mixer.conv_state, layer.mixer.ssm_state)]
+        # Checked on every call (a few µs): the kernel writes them in place, so a wrong shape would be a wild write.
+        for t, shape in zip(states, self._state_shapes * len(state.layers), strict=True):
+            if t.shape != (rows, *shape) or t.dtype != torch.float32:
+                raise FusedStepError(
+                    f"the decoding state holds a {tuple(t.shape)} {t.dtype} tensor where {rows} rows need "
+                    f"{(rows, *shape)} float32"
+                )
         state_pointers = self._pointers(states, "decoding states")
-        if self._kept["rows"] != rows or self._kept["states"] is not state_pointers:  # a new state: check its batch
-            if any(t.shape[0] != rows for t in states):
-                raise FusedStepError(f"the decoding state was allocated for another batch than {rows} rows")
-            self._kept["rows"], self._kept["states"] = rows, state_pointers
         workspace = self._workspaces.get((rows, threads))
         if workspace is None:
             floats = self._library.simba_fused_workspace_floats(self._dims.data_ptr(), rows, threads)

@@ -125,8 +125,11 @@ def test_models_with_attention_are_refused_with_the_reason(arch, reason):
         FusedStep(model)
 
 
-def test_other_dtypes_are_refused():
+def test_other_dtypes_and_shapes_are_refused():
     assert "fp32 weights on the CPU" in fused_problem(tiny_model("simba").to(torch.bfloat16))
+    model = tiny_model("simba")
+    model.token_emb = torch.nn.Embedding(model.vocab_size - 1, model.d_model)  # the kernel indexes it by the head's
+    assert "token embedding" in fused_problem(model)
 
 
 @torch.no_grad()
@@ -139,6 +142,10 @@ def test_bad_calls_are_errors_not_crashes():
         fused(torch.tensor([0, model.vocab_size]), state)
     with pytest.raises(FusedStepError, match="another batch"):
         fused(torch.zeros(4, dtype=torch.long), state)  # a state for 2 rows
+    wrong = model.allocate_state(2, 8)
+    wrong.layers[0].mixer.ssm_state = wrong.layers[0].mixer.ssm_state[..., :-1].contiguous()  # d_state - 1
+    with pytest.raises(FusedStepError, match="need"):
+        fused(tokens[:, 1], wrong)
     many = MAX_ROWS + 1
     with pytest.raises(FusedStepError, match=f"1..{MAX_ROWS} rows, got {many}"):
         fused(torch.zeros(many, dtype=torch.long), model.allocate_state(many, 8))
