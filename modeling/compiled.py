@@ -67,7 +67,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from modeling.fused import MAX_ROWS, FusedStep, FusedStepError, build_id, cpu_name
+from modeling.fused import MAX_ROWS, FusedStep, FusedStepError, build_id, cache_root, cpu_name
 from modeling.layers import DecodeState, SelfAttention, state_tensors
 from modeling.pages import huge_page_problem, use_huge_pages
 
@@ -186,7 +186,7 @@ def choice_cache_file() -> Path | None:
         return None
     if value:
         return Path(value).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "simba-ttm" / "decode_strategy.json"
+    return cache_root() / "decode_strategy.json"
 
 
 def _machine_key(model: nn.Module, rows: int, dtype: torch.dtype, pages: str, candidates: list[str]) -> str:

@@ -67,11 +67,16 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+def cache_root() -> Path:
+    """$XDG_CACHE_HOME/simba-ttm (~/.cache/simba-ttm): where the decoding step keeps its builds and choices."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "simba-ttm"
+
+
 def _cache_dir() -> Path:
-    """Where builds are kept: $SIMBA_FUSED_CACHE, else $XDG_CACHE_HOME/simba-ttm/fused (~/.cache/...)."""
+    """Where builds are kept: $SIMBA_FUSED_CACHE, else cache_root()/fused."""
     if os.environ.get(BUILD_DIR_ENV):
         return Path(os.environ[BUILD_DIR_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "simba-ttm" / "fused"
+    return cache_root() / "fused"
 
 
 @functools.cache
@@ -93,8 +98,8 @@ def _library() -> ctypes.CDLL:
     if compiler is None:
         raise FusedStepError("no C++ compiler (install g++ or set CXX)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, *FLAGS, cpu_name()]).encode())
-    target = _cache_dir() / f"fused_step-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, *FLAGS, cpu_name()]).encode()).hexdigest()
+    target = _cache_dir() / f"fused_step-{key[:16]}.so"
     if not target.is_file():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +115,7 @@ def _library() -> ctypes.CDLL:
             raise FusedStepError(f"building {SOURCE.name} failed:\n{built.stderr.strip()[-2000:]}")
         os.replace(tmp, target)  # atomic: a concurrent process sees the old file or the whole new one
     library = ctypes.CDLL(str(target))
-    library.build_id = key.hexdigest()[:16]
+    library.build_id = key[:16]
     library.simba_fused_step.restype = ctypes.c_int
     library.simba_fused_step.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 2
     library.simba_fused_workspace_floats.restype = ctypes.c_int64

@@ -94,12 +94,6 @@ void gemv(const float* W, const float* bias, const float* a, int64_t lda, float*
 
 typedef void (*Gemv)(const float*, const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
 
-// More rows than kBlockRows: blocks of them per weight row, which stays in L1 between blocks (weights are still
-// read from memory once).
-template <bool kAccumulate>
-void gemv_blocked(const float* W, const float* bias, const float* a, int64_t lda, float* out, int64_t ldo, int64_t n0,
-                  int64_t n1, int64_t K, int64_t rows);
-
 template <bool kAccumulate>
 Gemv gemv_for(int64_t rows) {
   switch (rows) {
@@ -115,6 +109,8 @@ Gemv gemv_for(int64_t rows) {
   }
 }
 
+// More rows than kBlockRows: blocks of them per weight row, which stays in L1 between blocks (weights are still
+// read from memory once).
 template <bool kAccumulate>
 void gemv_blocked(const float* W, const float* bias, const float* a, int64_t lda, float* out, int64_t ldo, int64_t n0,
                   int64_t n1, int64_t K, int64_t rows) {
