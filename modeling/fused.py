@@ -17,8 +17,11 @@ and keeps the fastest.
 
 Its SiLU and GELU use a vectorised exp (Cephes' polynomial) and GELU = x/2 erfc(-x/sqrt 2) from a Chebyshev fit:
 within 2e-6 relative of float64 wherever |value| >= 1e-6 (`kernel_math`, tested), closer than torch's own fp32
-GELU in its left tail. The weights' and states' addresses are read on every call (a parameter whose `.data` is
-replaced is seen), and checked for dtype and layout whenever one changes; the states' shapes on every call. The
+GELU in its left tail. Before every call the weights and the state's tensors are compared with the last call's
+(the same objects at the same addresses, in one C++ loop of torch's): a parameter whose `.data` was replaced, or a
+state tensor swapped for another, is seen, and then every tensor is checked again (dtype, layout, and the state's
+shapes, as the kernel writes the state in place) and the pointer arrays rebuilt. A state tensor reshaped in place
+(`resize_`, `set_`) under the same object and address is not seen: nothing in this project does that. The
 Parameter objects themselves, the norms' eps and dt_limit are read when the step is built: replacing a Parameter
 object (`module.weight = nn.Parameter(...)`) needs a new step, which every `generate(compile=True)` builds. One
 step object is not for concurrent calls from several Python threads (ctypes releases the GIL; the workspace is
@@ -32,8 +35,10 @@ blocks of 8 rows by each weight row while it is in L1, so weights are read once)
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
+import operator
 import os
 import platform
 import shutil
@@ -182,6 +187,41 @@ def _attribute(module: nn.Module, path: str) -> Tensor | None:
     return module
 
 
+# torch's C++ loop for "are these tensors still at these addresses" (what inductor's CUDA graphs check on every
+# call); a Python loop where a torch lacks it.
+_ADDRESSES_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+
+
+@dataclasses.dataclass
+class _Bound:
+    """A C array of tensors' data pointers (0 for None), and the tensor objects and addresses it was made from."""
+
+    tensors: list[Tensor | None]
+    pointers: list[int]
+    present: list[int]  # the indices of the tensors that are not None
+    array: ctypes.Array
+    rows: int = 0  # the row count the tensors were checked for (a decoding state)
+
+    @classmethod
+    def of(cls, tensors: list[Tensor | None], rows: int = 0) -> _Bound:
+        pointers = [0 if t is None else t.data_ptr() for t in tensors]
+        present = [i for i, t in enumerate(tensors) if t is not None]
+        return cls(list(tensors), pointers, present, (ctypes.c_void_p * len(tensors))(*pointers), rows)
+
+    def holds(self, tensors: list[Tensor | None]) -> bool:
+        """Whether `tensors` are the same objects, at the same addresses (a parameter whose `.data` was replaced, or
+        a state tensor swapped for another, is not)."""
+        if len(tensors) != len(self.tensors) or not all(map(operator.is_, tensors, self.tensors)):
+            return False
+        if _ADDRESSES_EQUAL is not None:
+            return _ADDRESSES_EQUAL(tensors, self.pointers, self.present)
+        return all(tensors[i].data_ptr() == self.pointers[i] for i in self.present)
+
+    def address(self, index: int) -> int:
+        """The address of the array from entry `index` on."""
+        return ctypes.addressof(self.array) + index * ctypes.sizeof(ctypes.c_void_p)
+
+
 class FusedStep:
     """`model.step` through fused_step.cpp: `step(tokens, state) -> (rows, vocab)` logits, advancing `state`.
 
@@ -217,55 +257,66 @@ class FusedStep:
             self._params += [_attribute(layer, path) for path in LAYER_PARAMS]
         self._vocab = model.head.out_features
         self._workspaces: dict[tuple[int, int], Tensor] = {}  # (rows, threads) -> scratch memory
-        # Pointer arrays of the last weights and states.
-        self._kept: dict[str, tuple[list[int], ctypes.Array]] = {}
+        # The weights' and the last call's state's C pointer arrays, with the tensors and addresses they hold.
+        self._weights: _Bound | None = None
+        self._state: _Bound | None = None
         mixer = model.layers[0].mixer
         self._state_shapes = [(mixer.conv_dim, mixer.d_conv), (mixer.nheads, mixer.headdim, mixer.d_state)]
 
-    def _pointers(self, tensors: list[Tensor | None], what: str) -> ctypes.Array:
-        """A C array of the tensors' data pointers, rebuilt (and the tensors checked) only when one moved."""
-        pointers = [0 if t is None else t.data_ptr() for t in tensors]
-        kept = self._kept.get(what)
-        if kept is not None and kept[0] == pointers:
-            return kept[1]
-        for t in tensors:
-            if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
-                raise FusedStepError(f"the fused step needs contiguous fp32 CPU {what}")
-        array = (ctypes.c_void_p * len(pointers))(*pointers)
-        self._kept[what] = (pointers, array)
-        return array
+    def _bind_weights(self) -> _Bound:
+        bound = self._weights
+        if bound is None or not bound.holds(self._params):
+            for t in self._params:
+                if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
+                    raise FusedStepError("the fused step needs contiguous fp32 CPU weights")
+            bound = self._weights = _Bound.of(self._params)
+        return bound
 
-    def __call__(self, tokens: Tensor, state: DecodeState) -> Tensor:
-        tokens = tokens.reshape(-1)
-        if tokens.device.type != "cpu":
-            raise FusedStepError("the fused step takes CPU tokens")
-        if tokens.dtype != torch.int64 or not tokens.is_contiguous():
-            tokens = tokens.to(torch.int64).contiguous()
-        rows, threads = tokens.shape[0], torch.get_num_threads()
-        if not 1 <= rows <= MAX_ROWS:
-            raise FusedStepError(f"the fused step takes 1..{MAX_ROWS} rows, got {rows}")
+    def _bind_state(self, state: DecodeState, rows: int) -> _Bound:
+        """next_pos, then every layer's conv and SSM state, checked in full unless they are the tensors (objects and
+        addresses) of the last call with as many rows: the kernel writes them in place, so a wrong shape would be a
+        wild write."""
+        layers = state.layers
+        tensors = [state.next_pos, *(t for layer in layers for t in (layer.mixer.conv_state, layer.mixer.ssm_state))]
+        bound = self._state
+        if bound is not None and bound.rows == rows and bound.holds(tensors):
+            return bound
         next_pos = state.next_pos
         if next_pos.shape != (rows,):
             raise FusedStepError(f"the decoding state was allocated for another batch than {rows} rows")
         if next_pos.dtype != torch.int64 or next_pos.device.type != "cpu" or not next_pos.is_contiguous():
             raise FusedStepError("state.next_pos must be a contiguous int64 CPU tensor")
-        states = [t for layer in state.layers for t in (layer.mixer.conv_state, layer.mixer.ssm_state)]
-        # Checked on every call (a few µs): the kernel writes them in place, so a wrong shape would be a wild write.
-        for t, shape in zip(states, self._state_shapes * len(state.layers), strict=True):
-            if t.shape != (rows, *shape) or t.dtype != torch.float32:
+        for t, shape in zip(tensors[1:], self._state_shapes * len(layers), strict=True):
+            if t.shape != (rows, *shape) or t.dtype != torch.float32 or not t.is_contiguous():
                 raise FusedStepError(
                     f"the decoding state holds a {tuple(t.shape)} {t.dtype} tensor where {rows} rows need "
-                    f"{(rows, *shape)} float32"
+                    f"{(rows, *shape)} contiguous float32"
                 )
-        state_pointers = self._pointers(states, "decoding states")
+        bound = self._state = _Bound.of(tensors, rows)
+        return bound
+
+    def __call__(self, tokens: Tensor, state: DecodeState) -> Tensor:
+        # This runs right after the previous step streamed ~150 MB through the caches, so every Python object it
+        # touches is a cache miss: it does what safety needs and no more (~0.1 ms at bench/generate.py's mid size).
+        if not tokens.is_cpu:
+            raise FusedStepError("the fused step takes CPU tokens")
+        if tokens.dtype != torch.int64 or not tokens.is_contiguous():
+            tokens = tokens.to(torch.int64).contiguous()
+        rows, threads = (tokens.shape[0] if tokens.dim() else 0), torch.get_num_threads()
+        if tokens.numel() != rows:
+            raise FusedStepError(f"the fused step takes one token per row, got tokens of shape {tuple(tokens.shape)}")
+        if not 1 <= rows <= MAX_ROWS:
+            raise FusedStepError(f"the fused step takes 1..{MAX_ROWS} rows, got {rows}")
+        states = self._bind_state(state, rows)
+        weights = self._bind_weights()
         workspace = self._workspaces.get((rows, threads))
         if workspace is None:
             floats = self._library.simba_fused_workspace_floats(self._dims.data_ptr(), rows, threads)
             workspace = self._workspaces[(rows, threads)] = torch.empty(floats, dtype=torch.float32)
         logits = torch.empty(rows, self._vocab, dtype=torch.float32)
         status = self._library.simba_fused_step(
-            self._dims.data_ptr(), self._scalars.data_ptr(), self._pointers(self._params, "weights"), state_pointers,
-            tokens.data_ptr(), next_pos.data_ptr(), logits.data_ptr(), workspace.data_ptr(), rows, threads,
+            self._dims.data_ptr(), self._scalars.data_ptr(), weights.array, states.address(1), tokens.data_ptr(),
+            states.pointers[0], logits.data_ptr(), workspace.data_ptr(), rows, threads,
         )  # fmt: skip
         if status == 2:
             raise FusedStepError(f"a token outside the vocabulary 0..{self._vocab - 1}: {tokens.tolist()}")

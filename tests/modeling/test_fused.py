@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 
+from modeling import fused as fused_module
 from modeling.fused import (
     BUILD_DIR_ENV,
     MAX_ROWS,
@@ -54,8 +55,22 @@ def _prompt(rows: int, vocab: int, steps: int):
 
 @pytest.mark.parametrize(
     "config, rows, n_threads",
-    [({}, 4, 2), ({}, 1, 1), (ODD, 2, 2), (ODD, 3, 1), (dict(ODD, ngroups=2), 8, 2), (ODD, 14, 2)],
-    ids=["tiny-4rows", "tiny-1row-1thread", "odd-2rows", "odd-3rows-1thread", "groups-8rows", "odd-14rows-blocked"],
+    [
+        ({}, 4, 2),
+        ({}, 1, 1),
+        (ODD, 2, 2),
+        (ODD, 3, 1),
+        (dict(ODD, ngroups=2), 8, 2),
+        (ODD, 14, 2),
+    ],
+    ids=[
+        "tiny-4rows",
+        "tiny-1row-1thread",
+        "odd-2rows",
+        "odd-3rows-1thread",
+        "groups-8rows",
+        "odd-14rows-blocked",
+    ],
 )
 @torch.no_grad()
 def test_fused_step_equals_the_eager_step(config, rows, n_threads, threads):
@@ -164,9 +179,17 @@ def test_the_build_is_kept_for_the_next_process(monkeypatch, tmp_path):
     assert _cache_dir() == tmp_path / "xdg" / "simba-ttm" / "fused"
 
 
+@pytest.fixture(params=["torch's C++ loop", "the Python loop"])
+def address_check(request, monkeypatch):
+    """Runs a test with the address comparison each way it can run (torch's private C++ loop may go away)."""
+    if request.param == "the Python loop":
+        monkeypatch.setattr(fused_module, "_ADDRESSES_EQUAL", None)
+    return request.param
+
+
 @torch.no_grad()
-def test_replaced_weights_reach_the_kernel():
-    """The kernel reads parameter addresses on every call: a `.data` swap (what `module.to` does) is not missed."""
+def test_replaced_weights_reach_the_kernel(address_check):
+    """Parameter addresses are compared before every call: a `.data` swap (what `module.to` does) is not missed."""
     model = tiny_model("simba", seed=4, **ODD)
     fused = FusedStep(model)
     tokens, text, mask = _prompt(2, model.vocab_size, 2)
@@ -177,3 +200,31 @@ def test_replaced_weights_reach_the_kernel():
     fc1.data = torch.randn_like(fc1) * 0.2  # new memory; the old is freed
     eager = model.step(tokens[:, 1], eager_state)
     assert torch.allclose(fused(tokens[:, 1], fused_state), eager, atol=1e-5 * eager.abs().max().item())
+
+
+@torch.no_grad()
+def test_a_replaced_state_tensor_is_checked_again_and_used(address_check):
+    """The state's tensors are checked in full only when they are not the last call's objects at its addresses: a
+    tensor swapped in between calls, or given new memory through `.data`, is checked and its memory is the one
+    written."""
+    model = tiny_model("simba", seed=5, **ODD)
+    fused = FusedStep(model)
+    tokens, text, mask = _prompt(2, model.vocab_size, 4)
+    _, state = model.prefill(tokens[:, :1], text, mask, max_len=8)
+    eager_state = copy.deepcopy(state)
+    fused(tokens[:, 1], state)
+    model.step(tokens[:, 1], eager_state)
+    mixer = state.layers[1].mixer
+    good = mixer.ssm_state
+    mixer.ssm_state = good[..., :-1].contiguous()  # d_state - 1, in the same DecodeState
+    with pytest.raises(FusedStepError, match="need"):
+        fused(tokens[:, 2], state)
+    mixer.ssm_state = good.clone()  # right shape, new memory
+    eager = model.step(tokens[:, 2], eager_state)
+    assert torch.allclose(fused(tokens[:, 2], state), eager, atol=1e-5 * eager.abs().max().item())
+    conv = state.layers[0].mixer.conv_state
+    conv.data = conv.clone()  # the same object, new memory (the old is freed)
+    eager = model.step(tokens[:, 3], eager_state)
+    assert torch.allclose(fused(tokens[:, 3], state), eager, atol=1e-5 * eager.abs().max().item())
+    for mine, theirs in zip(state_tensors(state), state_tensors(eager_state), strict=True):
+        assert torch.allclose(mine, theirs, atol=1e-5 * max(theirs.abs().max().item(), 1.0))
