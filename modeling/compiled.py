@@ -16,8 +16,8 @@ hands each 2-row product to MKL's gemm. `compiled_step` runs `model.step` one of
   first use, ~2 s), up to `MAX_ROWS` rows (in register blocks of 8: the weights are read once), fp32.
   Inductor's step runs ~16 parallel loops per layer, each ending in a barrier, and reaches its kernel through
   ~0.4 ms of Python per call; the fused kernel has 5 barriers per layer and one ctypes call. On the AMD
-  machines here it is the fastest: auto's timings at bench/generate.py's mid size gave fused 5.0-5.1 ms/step,
-  reduce 5.8-5.9 and gemm 17.9.
+  machines here it is the fastest: auto's timings at bench/generate.py's mid size gave fused 4.2 ms/step,
+  reduce 5.0 and gemm 17.1.
 
 Which is fastest is a property of the machine, so by default (`auto`) the first call for a batch shape
 builds all three, times them on copies of the caller's state, and keeps the fastest; the choice is cached per

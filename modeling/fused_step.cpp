@@ -8,7 +8,8 @@
 //   norm2 (redundantly) -> fc1 + GELU                            | barrier
 //   fc2 + x                                                      | barrier
 // Weight products ("gemv") stream one weight row at a time and multiply every activation row by it while it is
-// in registers; each thread streams one contiguous range of weight rows.
+// in registers; each thread streams one contiguous range of weight rows. Before each barrier a thread prefetches
+// the start of its share of the next phase (kPrefetchBytes). The SSM update keeps B and C in registers.
 //
 // Everything is fp32, in the order of modeling.mamba2.Mamba2.step and modeling.layers.Block.step; results equal
 // the eager step to fp32 rounding (tests/modeling/test_fused.py). Built by modeling/fused.py with
@@ -142,21 +143,65 @@ Product product_for(int64_t rows) {
   return Product{gemv_for<kAccumulate>(rows), gemv_blocked<kAccumulate>, rows};
 }
 
-// out (+)= a . W^T (+ bias) over W's N rows, then finish(n0, n1) on each chunk of outputs. Called by every thread of
-// the parallel region; it ends in a barrier. Each thread streams one contiguous share of the rows, in chunks of
-// ~64 KiB of weights. (Handing chunks to whichever thread is free, schedule(dynamic), made the mid-size step ~10%
-// slower on the AMD VMs here: each thread's stream jumps between chunks.)
-template <typename Finish>
-void products(const Product& gemv, const float* W, const float* bias, const float* a, int64_t lda, float* out, int64_t ldo,
-              int64_t N, int64_t K, Finish finish) {
-  const int64_t step = std::max<int64_t>(kLanes, (int64_t{64} << 10) / (K * static_cast<int64_t>(sizeof(float))));
-  const int64_t chunks = (N + step - 1) / step;
-#pragma omp for schedule(static)
-  for (int64_t c = 0; c < chunks; ++c) {
+// This thread's share [begin, end) of `count` items, as schedule(static) splits them: contiguous, sizes differing by
+// at most one. Computed here rather than left to `omp for` so that a thread can name its next share in advance.
+inline void my_share(int64_t count, int64_t* begin, int64_t* end) {
+  const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
+  const int64_t q = count / threads, r = count % threads;
+  *begin = t * q + std::min(t, r);
+  *end = *begin + q + (t < r ? 1 : 0);
+}
+
+// Rows of W (N x K) per chunk of a product: ~64 KiB of weights.
+inline int64_t chunk_rows(int64_t K) {
+  return std::max<int64_t>(kLanes, (int64_t{64} << 10) / (K * static_cast<int64_t>(sizeof(float))));
+}
+
+// Each phase ends with every thread asking for the first kPrefetchBytes of what it streams next (into L2), before
+// the barrier: a new stream otherwise starts with the hardware prefetcher untrained, 60 times a step. On the AMD
+// VMs here this made the mid-size step 12% faster when the host gave ~62 GB/s, and changed nothing at ~35 GB/s
+// (8, 32 and 64 KiB did no better).
+constexpr int64_t kPrefetchBytes = 16 << 10;
+
+inline void prefetch(const float* p, int64_t bytes) {
+  for (int64_t offset = 0; offset < bytes; offset += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(p) + offset, 0, 2);
+}
+
+// The start of this thread's share of the product over W (N rows of K); W null: nothing follows.
+struct NextProduct {
+  const float* W;
+  int64_t N, K;
+
+  void operator()() const {
+    if (!W) return;
+    const int64_t step = chunk_rows(K);
+    int64_t begin, end;
+    my_share((N + step - 1) / step, &begin, &end);
+    if (begin >= end) return;
+    const int64_t bytes = (std::min(N, end * step) - begin * step) * K * static_cast<int64_t>(sizeof(float));
+    prefetch(W + begin * step * K, std::min(kPrefetchBytes, bytes));
+  }
+};
+
+// out (+)= a . W^T (+ bias) over W's N rows, then finish(n0, n1) on each chunk of outputs; then next() (the prefetch
+// of what follows) and a barrier. Called by every thread of the parallel region. Each thread streams one contiguous
+// share of the rows, in chunks of ~64 KiB of weights. (Handing chunks to whichever thread is free,
+// schedule(dynamic), made the mid-size step ~10% slower on the AMD VMs here: each thread's stream jumps between
+// chunks.)
+template <typename Finish, typename Next>
+void products(const Product& gemv, const float* W, const float* bias, const float* a, int64_t lda, float* out,
+              int64_t ldo, int64_t N, int64_t K, Finish finish, Next next) {
+  const int64_t step = chunk_rows(K);
+  int64_t begin, end;
+  my_share((N + step - 1) / step, &begin, &end);
+  for (int64_t c = begin; c < end; ++c) {
     const int64_t n0 = c * step, n1 = std::min(N, n0 + step);
     gemv(W, bias, a, lda, out, ldo, n0, n1, K);
     finish(n0, n1);
   }
+  next();
+#pragma omp barrier
 }
 
 // out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight (modeling.layers.RMSNorm).
@@ -248,25 +293,78 @@ struct Workspace {
   int64_t floats(int64_t threads) const { return scratch + threads * scratch_floats; }
 };
 
-// The causal conv over [state[1:], this step's input] for channel c, + bias, before its SiLU (the state is
-// shifted later).
-inline float conv_pre(const Dims& d, const float* const* w, const float* xbc, const float* conv, int64_t c) {
-  const int64_t K = d.d_conv;
-  const float *state = conv + c * K, *weight = w[kConvW] + c * K;
-  float s = 0.0f;
-  for (int64_t k = 0; k + 1 < K; ++k) s += state[k + 1] * weight[k];
-  s += xbc[c] * weight[K - 1];
-  return w[kConvB] ? s + w[kConvB][c] : s;
+// The causal conv over [state[1:], this step's input] + bias, before its SiLU, for channels [c0, c1) into
+// out[0:c1-c0] (the state is shifted later). kTaps: d_conv when known at compile time (4, Mamba's default: the
+// compiler vectorises the loop across channels), else 0 (any d_conv, read from d).
+template <int kTaps>
+void conv_pre(const Dims& d, const float* const* w, const float* xbc, const float* conv, int64_t c0, int64_t c1,
+              float* out) {
+  const int64_t K = kTaps ? kTaps : d.d_conv;
+  const float *weight = w[kConvW], *bias = w[kConvB];
+  for (int64_t c = c0; c < c1; ++c) {
+    const float *state = conv + c * K, *wc = weight + c * K;
+    float s = xbc[c] * wc[K - 1];
+    for (int64_t k = 0; k + 1 < K; ++k) s += state[k + 1] * wc[k];
+    out[c - c0] = s;
+  }
+  if (bias)
+    for (int64_t c = c0; c < c1; ++c) out[c - c0] += bias[c];
+}
+
+inline void conv_range(const Dims& d, const float* const* w, const float* xbc, const float* conv, int64_t c0,
+                       int64_t c1, float* out) {
+  if (d.d_conv == 4)
+    conv_pre<4>(d, w, xbc, conv, c0, c1, out);
+  else
+    conv_pre<0>(d, w, xbc, conv, c0, c1, out);
 }
 
 // B and C of group g of one row (conv outputs) into BC[0:N] and BC[N:2N].
 void group_BC(const Dims& d, const float* const* w, const float* xbc, const float* conv, int64_t g, float* BC) {
   const int64_t N = d.d_state;
-  for (int64_t n = 0; n < N; ++n) {
-    BC[n] = conv_pre(d, w, xbc, conv, d.d_inner + g * N + n);
-    BC[N + n] = conv_pre(d, w, xbc, conv, d.d_inner + d.ngroups * N + g * N + n);
-  }
+  conv_range(d, w, xbc, conv, d.d_inner + g * N, d.d_inner + (g + 1) * N, BC);
+  conv_range(d, w, xbc, conv, d.d_inner + (d.ngroups + g) * N, d.d_inner + (d.ngroups + g + 1) * N, BC + N);
   apply<vsilu, silu>(BC, 2 * N);
+}
+
+// One block of kV vectors (kV * 16 entries) of d_state, for every p of a head: state[p, :] = dA state[p, :] + (x
+// dt)[p] B and y[p] += state[p, :] . C over the block. B and C stay in registers for all P rows (16 of AVX-512's 32
+// for kV = 8), so the loop loads only the state: reloading them per row made the SSM phase ~2x as long as its
+// state traffic, and the mid-size step 10% slower at ~62 GB/s.
+template <int kV>
+void ssm_block(float* state, int64_t N, int64_t P, const float* B, const float* C, const float* xdt, float dA,
+               float* y) {
+  Vec b[kV], c[kV];
+  for (int i = 0; i < kV; ++i) b[i] = load(B + i * kLanes), c[i] = load(C + i * kLanes);
+  for (int64_t p = 0; p < P; ++p) {
+    float* row = state + p * N;
+    const Vec x = splat(xdt[p]);
+    Vec acc[2] = {Vec{}, Vec{}};
+    for (int i = 0; i < kV; ++i) {
+      const Vec v = load(row + i * kLanes) * dA + x * b[i];
+      store(row + i * kLanes, v);
+      acc[i % 2] += v * c[i];
+    }
+    y[p] += hsum(acc[0] + acc[1]);
+  }
+}
+
+// A head's state update over all of d_state (N): blocks of 8 vectors, one block of what is left, a scalar tail.
+void ssm_update(float* state, int64_t N, int64_t P, const float* B, const float* C, const float* xdt, float dA,
+                float* y) {
+  constexpr int64_t kBlock = 8 * kLanes;
+  int64_t n = 0;
+  for (; n + kBlock <= N; n += kBlock) ssm_block<8>(state + n, N, P, B + n, C + n, xdt, dA, y);
+  typedef void (*Block)(float*, int64_t, int64_t, const float*, const float*, const float*, float, float*);
+  static constexpr Block kBlocks[] = {nullptr, ssm_block<1>, ssm_block<2>, ssm_block<3>,
+                                      ssm_block<4>, ssm_block<5>, ssm_block<6>, ssm_block<7>};
+  if (const int64_t vectors = (N - n) / kLanes) kBlocks[vectors](state + n, N, P, B + n, C + n, xdt, dA, y);
+  for (n = N - N % kLanes; n < N; ++n)
+    for (int64_t p = 0; p < P; ++p) {
+      const float v = state[p * N + n] * dA + xdt[p] * B[n];
+      state[p * N + n] = v;
+      y[p] += v * C[n];
+    }
 }
 
 // One Mamba-2 head h of one row, given its group's B and C: the conv outputs of its x channels, dt, the state
@@ -275,31 +373,14 @@ float ssm_head(const Dims& d, const float* const* w, const float* scalars, const
                const float* BC, float* ssm, float* y, float* xs, int64_t h) {  // y: this head's P outputs
   const int64_t P = d.headdim, N = d.d_state;
   const float *xbc = zxbcdt + d.d_inner, *Bs = BC, *Cs = BC + N;  // this step's raw conv inputs: x, B, C
-  for (int64_t p = 0; p < P; ++p) xs[p] = conv_pre(d, w, xbc, conv, h * P + p);
+  conv_range(d, w, xbc, conv, h * P, (h + 1) * P, xs);
   apply<vsilu, silu>(xs, P);
   float dt = softplus(zxbcdt[d.d_inner + d.conv_dim() + h] + w[kDtBias][h]);
   dt = std::min(std::max(dt, scalars[3]), scalars[4]);
   const float dA = std::exp(dt * -std::exp(w[kALog][h]));
   const float Dh = w[kD][h];
-  const int64_t n_vec = N - N % kLanes;
-  for (int64_t p = 0; p < P; ++p) {
-    float* row = ssm + (h * P + p) * N;
-    const float xdt = xs[p] * dt;
-    Vec acc = Vec{};
-    int64_t n = 0;
-    for (; n < n_vec; n += kLanes) {  // state' = dA state + (x dt) B;  y = state' . C
-      const Vec s = load(row + n) * dA + xdt * load(Bs + n);
-      store(row + n, s);
-      acc += s * load(Cs + n);
-    }
-    float yp = hsum(acc);
-    for (; n < N; ++n) {
-      const float s = row[n] * dA + xdt * Bs[n];
-      row[n] = s;
-      yp += s * Cs[n];
-    }
-    y[p] = yp + Dh * xs[p];
-  }
+  for (int64_t p = 0; p < P; ++p) y[p] = Dh * xs[p], xs[p] *= dt;  // y = D x + ...; xs holds x dt from here
+  ssm_update(ssm + h * P * N, N, P, Bs, Cs, xs, dA, y);
   // y * silu(z), and its sum of squares for the gated norm.
   const float* z = zxbcdt + h * P;
   int64_t p = 0;
@@ -338,7 +419,8 @@ int simba_fused_step(const int64_t* dims, const float* scalars, const float* con
     if (tokens[r] < 0 || tokens[r] >= d.vocab) return 2;
   const Product product = product_for<false>(rows), product_add = product_for<true>(rows);
   const Workspace layout(d, rows);
-  float *const x_buf = workspace + layout.x, *const zx_buf = workspace + layout.zxbcdt, *const y_buf = workspace + layout.y;
+  float *const x_buf = workspace + layout.x, *const zx_buf = workspace + layout.zxbcdt;
+  float *const y_buf = workspace + layout.y;
   float *const sumsq_buf = workspace + layout.sumsq, *const hidden_buf = workspace + layout.hidden;
   const int64_t D = d.d_model, din = d.d_in_proj(), di = d.d_inner, H = d.nheads;
   const int64_t conv_dim = d.conv_dim(), K = d.d_conv, group = di / d.ngroups;
@@ -367,19 +449,26 @@ int simba_fused_step(const int64_t* dims, const float* scalars, const float* con
       float *conv = states[2 * l], *ssm = states[2 * l + 1];
 
       rms_norm(x_buf, w[kNorm1], s[0], scratch, rows, D);
-      products(product, w[kInW], w[kInB], scratch, D, zx_buf, din, din, D, none);
+      // The SSM phase's tasks are (row, head) pairs, task = row * H + head, whose states follow each other in memory.
+      int64_t first_task, last_task;
+      my_share(rows * H, &first_task, &last_task);
+      const int64_t head_floats = d.headdim * d.d_state;
+      products(product, w[kInW], w[kInB], scratch, D, zx_buf, din, din, D, none, [&] {
+        if (first_task < last_task) prefetch(ssm + first_task * head_floats, kPrefetchBytes);
+      });
 
       const int64_t heads_per_group = H / d.ngroups;
       float *BC = scratch, *xs = scratch + 2 * d.d_state;
       int64_t have = -1;  // the (row, group) whose B, C this thread has in BC
-#pragma omp for schedule(static)
-      for (int64_t task = 0; task < rows * H; ++task) {
+      for (int64_t task = first_task; task < last_task; ++task) {
         const int64_t r = task / H, h = task % H, rg = r * d.ngroups + h / heads_per_group;
         const float *zx = zx_buf + r * din, *conv_r = conv + r * conv_dim * K;
         if (rg != have) group_BC(d, w, zx + di, conv_r, h / heads_per_group, BC), have = rg;
-        sumsq_buf[r * H + h] = ssm_head(d, w, s, zx, conv_r, BC, ssm + r * H * d.headdim * d.d_state,
-                                        y_buf + r * di + h * d.headdim, xs, h);
-      }  // (a worksharing loop ends in a barrier unless it says nowait)
+        sumsq_buf[task] = ssm_head(d, w, s, zx, conv_r, BC, ssm + r * H * head_floats, y_buf + r * di + h * d.headdim,
+                                   xs, h);
+      }
+      NextProduct{w[kOutW], D, di}();
+#pragma omp barrier
 
 #pragma omp for nowait
       for (int64_t rc = 0; rc < rows * conv_dim; ++rc) {  // the conv state takes this step's input (read above)
@@ -396,17 +485,21 @@ int simba_fused_step(const int64_t* dims, const float* scalars, const float* con
           for (int64_t i = g * group; i < (g + 1) * group; ++i)
             scratch[r * di + i] = y_buf[r * di + i] * scale * w[kGateNormW][i];
         }
-      products(product_add, w[kOutW], w[kOutB], scratch, di, x_buf, D, D, di, none);
+      products(product_add, w[kOutW], w[kOutB], scratch, di, x_buf, D, D, di, none,
+               NextProduct{w[kFc1W], d.mlp_dim, D});
 
       rms_norm(x_buf, w[kNorm2], s[2], scratch, rows, D);
       products(product, w[kFc1W], w[kFc1B], scratch, D, hidden_buf, d.mlp_dim, d.mlp_dim, D,
                [&](int64_t n0, int64_t n1) {
                  for (int64_t r = 0; r < rows; ++r) apply<vgelu, gelu>(hidden_buf + r * d.mlp_dim + n0, n1 - n0);
-               });
-      products(product_add, w[kFc2W], w[kFc2B], hidden_buf, d.mlp_dim, x_buf, D, D, d.mlp_dim, none);
+               },
+               NextProduct{w[kFc2W], D, d.mlp_dim});
+      const NextProduct next = l + 1 < d.n_layers ? NextProduct{w[kLayerParams + kInW], din, D}  // next layer's
+                                                  : NextProduct{params[2], d.vocab, D};           // the head
+      products(product_add, w[kFc2W], w[kFc2B], hidden_buf, d.mlp_dim, x_buf, D, D, d.mlp_dim, none, next);
     }
     rms_norm(x_buf, params[1], scalars[d.n_layers * kLayerScalars], scratch, rows, D);
-    products(product, params[2], nullptr, scratch, D, logits, d.vocab, d.vocab, D, none);
+    products(product, params[2], nullptr, scratch, D, logits, d.vocab, d.vocab, D, none, NextProduct{nullptr, 0, 0});
   }
   for (int64_t r = 0; r < rows; ++r) next_pos[r] += 1;
   return 0;

@@ -32,6 +32,9 @@ pytestmark = pytest.mark.skipif(build_problem() is not None, reason=str(build_pr
 
 # Vector loops with tails everywhere: K = 48 (32 + 16), d_state 20 (16 + 4), headdim 24, mlp 80, 2 groups.
 ODD = dict(d_model=48, mlp_dim=80, d_state=20, headdim=24, n_layers=3)
+# The SSM update in every block size it has (d_state 164 = a block of 8 vectors, one of 2, and 4 left over), and a
+# conv width other than Mamba's 4 (the kernel's generic conv loop).
+WIDE_STATE = dict(ODD, d_state=164, d_conv=3)
 
 
 @pytest.fixture
@@ -62,6 +65,8 @@ def _prompt(rows: int, vocab: int, steps: int):
         (ODD, 3, 1),
         (dict(ODD, ngroups=2), 8, 2),
         (ODD, 14, 2),
+        (WIDE_STATE, 2, 2),
+        (WIDE_STATE, 3, 3),
     ],
     ids=[
         "tiny-4rows",
@@ -70,6 +75,8 @@ def _prompt(rows: int, vocab: int, steps: int):
         "odd-3rows-1thread",
         "groups-8rows",
         "odd-14rows-blocked",
+        "wide-state-2rows",
+        "wide-state-3rows-3threads",
     ],
 )
 @torch.no_grad()
