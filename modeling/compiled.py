@@ -13,11 +13,12 @@ hands each 2-row product to MKL's gemm. `compiled_step` runs `model.step` one of
   AVX-512/AMX, MKL's 2-row gemm streams the weights well and the reductions fall behind: on the Xeon host of
   an H200 box (2 threads, torch 2.11) gemm took 8.3 ms/step and reduce 10.5 (bench/generate.py);
 - `fused`: a hand-written C++ kernel for the whole step (`modeling.fused`, built with the system compiler on
-  first use, ~2 s), up to `MAX_ROWS` rows (in register blocks of 8: the weights are read once), fp32.
+  first use, ~2 s), up to `MAX_ROWS` rows (above 8 in register tiles of 3 weight rows x 8 rows: the weights are
+  read once), fp32.
   Inductor's step runs ~16 parallel loops per layer, each ending in a barrier, and reaches its kernel through
   ~0.4 ms of Python per call; the fused kernel has 5 barriers per layer and one ctypes call. On the AMD
-  machines here it is the fastest: auto's timings at bench/generate.py's mid size gave fused 4.2 ms/step,
-  reduce 5.0 and gemm 17.1.
+  machines here it is the fastest: auto's timings at bench/generate.py's mid size gave fused 4.4 ms/step,
+  reduce 5.2 and gemm 17.7 at batch 1; fused 49.2 and gemm 60.5 at batch 32 (bench/evaluate.py).
 
 Which is fastest is a property of the machine, so by default (`auto`) the first call for a batch shape
 builds all three, times them on copies of the caller's state, and keeps the fastest; the choice is cached per

@@ -27,8 +27,8 @@ object (`module.weight = nn.Parameter(...)`) needs a new step, which every `gene
 step object is not for concurrent calls from several Python threads (ctypes releases the GIL; the workspace is
 shared), as one decoding state is not.
 
-Supports what `PrefixSiMBA` builds, attention-free, fp32 on the CPU, 1..64 rows (`MAX_ROWS`; products multiply
-blocks of 8 rows by each weight row while it is in L1, so weights are read once);
+Supports what `PrefixSiMBA` builds, attention-free, fp32 on the CPU, 1..64 rows (`MAX_ROWS`; above 8 rows products
+multiply tiles of 3 weight rows by blocks of 8 rows while those weight rows are in L1, so weights are read once);
 `fused_problem(model)` says why another model cannot use it.
 """
 

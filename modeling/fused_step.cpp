@@ -110,12 +110,70 @@ Gemv gemv_for(int64_t rows) {
   }
 }
 
-// More rows than kBlockRows: blocks of them per weight row, which stays in L1 between blocks (weights are still
-// read from memory once).
+// A tile of kW weight rows (n, n + 1, ...) x kR activation rows: out[r, n + j] (+)= a[r, :] . W[n + j, :] (+ bias),
+// with all kW * kR dot products accumulating in registers, so each loaded vector feeds several FMAs.
+template <int kW, int kR, bool kAccumulate>
+void tile(const float* W, const float* bias, const float* a, int64_t lda, float* out, int64_t ldo, int64_t n,
+          int64_t K) {
+  const int64_t k_vec = K - K % kLanes;
+  Vec acc[kW][kR];
+  for (int j = 0; j < kW; ++j)
+    for (int r = 0; r < kR; ++r) acc[j][r] = Vec{};
+  for (int64_t k = 0; k < k_vec; k += kLanes) {
+    Vec w[kW];
+    for (int j = 0; j < kW; ++j) w[j] = load(W + (n + j) * K + k);
+    for (int r = 0; r < kR; ++r) {
+      const Vec x = load(a + r * lda + k);
+      for (int j = 0; j < kW; ++j) acc[j][r] += x * w[j];
+    }
+  }
+  for (int j = 0; j < kW; ++j)
+    for (int r = 0; r < kR; ++r) {
+      const float* wj = W + (n + j) * K;
+      float s = hsum(acc[j][r]);
+      for (int64_t k = k_vec; k < K; ++k) s += a[r * lda + k] * wj[k];
+      if (bias) s += bias[n + j];
+      if (kAccumulate)
+        out[r * ldo + n + j] += s;
+      else
+        out[r * ldo + n + j] = s;
+    }
+}
+
+typedef void (*Tile)(const float*, const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t);
+
+// Weight rows per tile: 3 x 8 accumulators + 3 weight vectors + 1 activation vector = 28 of AVX-512's 32 registers.
+constexpr int kTileW = 3;
+
+template <bool kAccumulate>
+Tile tile_for(int64_t rows) {
+  switch (rows) {
+    case 1: return tile<kTileW, 1, kAccumulate>;
+    case 2: return tile<kTileW, 2, kAccumulate>;
+    case 3: return tile<kTileW, 3, kAccumulate>;
+    case 4: return tile<kTileW, 4, kAccumulate>;
+    case 5: return tile<kTileW, 5, kAccumulate>;
+    case 6: return tile<kTileW, 6, kAccumulate>;
+    case 7: return tile<kTileW, 7, kAccumulate>;
+    case 8: return tile<kTileW, 8, kAccumulate>;
+    default: return nullptr;
+  }
+}
+
+// More rows than kBlockRows: tiles of kTileW weight rows x kBlockRows activation rows; the tile's weight rows stay
+// in L1 while every block of activation rows passes (weights are still read from memory once). Leftover weight
+// rows (fewer than kTileW) go one at a time. Against one weight row at a time (gemv per block of 8 rows), the
+// mid-size step took 0.81x as long at 16 rows and 0.75x at 64 (AMD EPYC, 2 threads).
 template <bool kAccumulate>
 void gemv_blocked(const float* W, const float* bias, const float* a, int64_t lda, float* out, int64_t ldo, int64_t n0,
                   int64_t n1, int64_t K, int64_t rows) {
-  for (int64_t n = n0; n < n1; ++n)
+  int64_t n = n0;
+  for (; n + kTileW <= n1; n += kTileW)
+    for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows) {
+      const int64_t block = std::min<int64_t>(kBlockRows, rows - r0);
+      tile_for<kAccumulate>(block)(W, bias, a + r0 * lda, lda, out + r0 * ldo, ldo, n, K);
+    }
+  for (; n < n1; ++n)
     for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows) {
       const int64_t block = std::min<int64_t>(kBlockRows, rows - r0);
       gemv_for<kAccumulate>(block)(W, bias, a + r0 * lda, lda, out + r0 * ldo, ldo, n, n + 1, K);

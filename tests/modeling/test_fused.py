@@ -35,6 +35,9 @@ ODD = dict(d_model=48, mlp_dim=80, d_state=20, headdim=24, n_layers=3)
 # The SSM update in every block size it has (d_state 164 = a block of 8 vectors, one of 2, and 4 left over), and a
 # conv width other than Mamba's 4 (the kernel's generic conv loop).
 WIDE_STATE = dict(ODD, d_state=164, d_conv=3)
+# Products over more than 8 rows in tiles of 3 weight rows x 8 activation rows: K = 40 leaves a tail of 8 in every
+# dot product, and out_proj's 40 weight rows leave one row past the tiles.
+NARROW_K = dict(ODD, d_model=40, headdim=20)
 
 
 @pytest.fixture
@@ -67,6 +70,8 @@ def _prompt(rows: int, vocab: int, steps: int):
         (ODD, 14, 2),
         (WIDE_STATE, 2, 2),
         (WIDE_STATE, 3, 3),
+        (NARROW_K, 9, 2),
+        (NARROW_K, 12, 3),
     ],
     ids=[
         "tiny-4rows",
@@ -77,6 +82,8 @@ def _prompt(rows: int, vocab: int, steps: int):
         "odd-14rows-blocked",
         "wide-state-2rows",
         "wide-state-3rows-3threads",
+        "narrow-k-9rows-tiles",
+        "narrow-k-12rows-3threads-tiles",
     ],
 )
 @torch.no_grad()
