@@ -17,15 +17,16 @@ and keeps the fastest.
 
 Its SiLU and GELU use a vectorised exp (Cephes' polynomial) and GELU = x/2 erfc(-x/sqrt 2) from a Chebyshev fit:
 within 2e-6 relative of float64 wherever |value| >= 1e-6 (`kernel_math`, tested), closer than torch's own fp32
-GELU in its left tail. Before every call the weights and the state's tensors are compared with the last call's
-(the same objects at the same addresses, in one C++ loop of torch's): a parameter whose `.data` was replaced, or a
-state tensor swapped for another, is seen, and then every tensor is checked again (dtype, layout, and the state's
-shapes, as the kernel writes the state in place) and the pointer arrays rebuilt. A state tensor reshaped in place
-(`resize_`, `set_`) under the same object and address is not seen: nothing in this project does that. The
-Parameter objects themselves, the norms' eps and dt_limit are read when the step is built: replacing a Parameter
-object (`module.weight = nn.Parameter(...)`) needs a new step, which every `generate(compile=True)` builds. One
-step object is not for concurrent calls from several Python threads (ctypes releases the GIL; the workspace is
-shared), as one decoding state is not.
+GELU in its left tail.
+
+Every call checks the decoding state's shapes, dtype and layout (the kernel writes it in place) and its layer
+count, and compares the weights' and the state's addresses with the last call's in one C++ loop of torch's: where
+one moved (a `.data` swap, a state tensor replaced) the pointer arrays are rebuilt and the weights checked again
+(dtype, layout, the shapes the step was built with). The bound weights' memory is held, so an unchanged address is
+the memory that was checked. The Parameter objects themselves, the norms' eps and dt_limit are read when the step
+is built: replacing a Parameter object (`module.weight = nn.Parameter(...)`) needs a new step, which every
+`generate(compile=True)` builds. One step object is not for concurrent calls from several Python threads (ctypes
+releases the GIL; the workspace is shared), as one decoding state is not.
 
 Supports what `PrefixSiMBA` builds, attention-free, fp32 on the CPU, 1..64 rows (`MAX_ROWS`; above 8 rows products
 multiply tiles of 3 weight rows by blocks of 8 rows while those weight rows are in L1, so weights are read once);
@@ -38,7 +39,6 @@ import ctypes
 import dataclasses
 import functools
 import hashlib
-import operator
 import os
 import platform
 import shutil
@@ -194,24 +194,24 @@ _ADDRESSES_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None
 
 @dataclasses.dataclass
 class _Bound:
-    """A C array of tensors' data pointers (0 for None), and the tensor objects and addresses it was made from."""
+    """A C array of tensors' data pointers (0 for None), and the addresses it was made from."""
 
-    tensors: list[Tensor | None]
     pointers: list[int]
     present: list[int]  # the indices of the tensors that are not None
     array: ctypes.Array
-    rows: int = 0  # the row count the tensors were checked for (a decoding state)
+    keep: list[Tensor]  # with `keep=True`: the memory behind `pointers`, held so no other tensor gets those addresses
 
     @classmethod
-    def of(cls, tensors: list[Tensor | None], rows: int = 0) -> _Bound:
+    def of(cls, tensors: list[Tensor | None], keep: bool = False) -> _Bound:
         pointers = [0 if t is None else t.data_ptr() for t in tensors]
         present = [i for i, t in enumerate(tensors) if t is not None]
-        return cls(list(tensors), pointers, present, (ctypes.c_void_p * len(tensors))(*pointers), rows)
+        held = [tensors[i].detach() for i in present] if keep else []  # aliases: they share the tensors' memory
+        return cls(pointers, present, (ctypes.c_void_p * len(tensors))(*pointers), held)
 
     def holds(self, tensors: list[Tensor | None]) -> bool:
-        """Whether `tensors` are the same objects, at the same addresses (a parameter whose `.data` was replaced, or
-        a state tensor swapped for another, is not)."""
-        if len(tensors) != len(self.tensors) or not all(map(operator.is_, tensors, self.tensors)):
+        """Whether `tensors` are at the array's addresses (not so after a `.data` swap to new memory, or a tensor
+        replaced by another)."""
+        if len(tensors) != len(self.pointers):
             return False
         if _ADDRESSES_EQUAL is not None:
             return _ADDRESSES_EQUAL(tensors, self.pointers, self.present)
@@ -260,51 +260,70 @@ class FusedStep:
         # The weights' and the last call's state's C pointer arrays, with the tensors and addresses they hold.
         self._weights: _Bound | None = None
         self._state: _Bound | None = None
+        self._param_shapes = [None if t is None else t.shape for t in self._params]
+        self._n_layers = len(model.layers)
         mixer = model.layers[0].mixer
-        self._state_shapes = [(mixer.conv_dim, mixer.d_conv), (mixer.nheads, mixer.headdim, mixer.d_state)]
+        self._layer_state_shapes = [(mixer.conv_dim, mixer.d_conv), (mixer.nheads, mixer.headdim, mixer.d_state)]
+        self._state_shapes: dict[int, list[tuple[int, ...]]] = {}  # rows -> the conv and SSM state shapes
 
     def _bind_weights(self) -> _Bound:
         bound = self._weights
         if bound is None or not bound.holds(self._params):
-            for t in self._params:
-                if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
+            for t, shape in zip(self._params, self._param_shapes, strict=True):
+                if t is None:
+                    continue
+                if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
                     raise FusedStepError("the fused step needs contiguous fp32 CPU weights")
-            bound = self._weights = _Bound.of(self._params)
+                if t.shape != shape:
+                    raise FusedStepError(f"a weight of shape {shape} became {tuple(t.shape)}: build a new step")
+            # The weights' shapes are checked only here, so their memory is held: while bound, an address cannot be
+            # handed to another (differently shaped) tensor, and an unchanged address is the checked tensor.
+            bound = self._weights = _Bound.of(self._params, keep=True)
         return bound
 
-    def _bind_state(self, state: DecodeState, rows: int) -> _Bound:
-        """next_pos, then every layer's conv and SSM state, checked in full unless they are the tensors (objects and
-        addresses) of the last call with as many rows: the kernel writes them in place, so a wrong shape would be a
-        wild write."""
+    def _check_state(self, state: DecodeState, rows: int) -> list[Tensor]:
+        """next_pos, then every layer's conv and SSM state, checked on every call: the kernel writes them in place, so
+        a wrong shape would be a wild write."""
         layers = state.layers
-        tensors = [state.next_pos, *(t for layer in layers for t in (layer.mixer.conv_state, layer.mixer.ssm_state))]
-        bound = self._state
-        if bound is not None and bound.rows == rows and bound.holds(tensors):
-            return bound
+        if len(layers) != self._n_layers:
+            raise FusedStepError(f"a decoding state of {len(layers)} layers for a model of {self._n_layers}")
         next_pos = state.next_pos
         if next_pos.shape != (rows,):
             raise FusedStepError(f"the decoding state was allocated for another batch than {rows} rows")
-        if next_pos.dtype != torch.int64 or next_pos.device.type != "cpu" or not next_pos.is_contiguous():
+        if next_pos.dtype != torch.int64 or not next_pos.is_contiguous():
             raise FusedStepError("state.next_pos must be a contiguous int64 CPU tensor")
-        for t, shape in zip(tensors[1:], self._state_shapes * len(layers), strict=True):
-            if t.shape != (rows, *shape) or t.dtype != torch.float32 or not t.is_contiguous():
-                raise FusedStepError(
-                    f"the decoding state holds a {tuple(t.shape)} {t.dtype} tensor where {rows} rows need "
-                    f"{(rows, *shape)} contiguous float32"
-                )
-        bound = self._state = _Bound.of(tensors, rows)
+        shapes = self._state_shapes.get(rows)
+        if shapes is None:
+            shapes = self._state_shapes[rows] = [(rows, *shape) for shape in self._layer_state_shapes]
+        tensors = [next_pos]
+        for layer in layers:
+            for t, shape in zip((layer.mixer.conv_state, layer.mixer.ssm_state), shapes, strict=True):
+                if t.shape != shape or t.dtype != torch.float32 or not t.is_contiguous():
+                    raise FusedStepError(
+                        f"the decoding state holds a {tuple(t.shape)} {t.dtype} tensor where {rows} rows need a "
+                        f"contiguous float32 {shape}"
+                    )
+                tensors.append(t)
+        return tensors
+
+    def _bind_state(self, state: DecodeState, rows: int) -> _Bound:
+        tensors = self._check_state(state, rows)
+        bound = self._state
+        if bound is None or not bound.holds(tensors):
+            if not all(t.is_cpu for t in tensors):
+                raise FusedStepError("the fused step needs the decoding state on the CPU")
+            bound = self._state = _Bound.of(tensors)
         return bound
 
     def __call__(self, tokens: Tensor, state: DecodeState) -> Tensor:
         # This runs right after the previous step streamed ~150 MB through the caches, so every Python object it
-        # touches is a cache miss: it does what safety needs and no more (~0.1 ms at bench/generate.py's mid size).
+        # touches is a cache miss: it does what safety needs and no more (~0.15 ms at bench/generate.py's mid size).
+        tokens = tokens.reshape(-1)
         if not tokens.is_cpu:
             raise FusedStepError("the fused step takes CPU tokens")
         if tokens.dtype != torch.int64 or not tokens.is_contiguous():
             tokens = tokens.to(torch.int64).contiguous()
-        rows, threads = (tokens.shape[0] if tokens.dim() else 0), torch.get_num_threads()
-        if tokens.numel() != rows:
-            raise FusedStepError(f"the fused step takes one token per row, got tokens of shape {tuple(tokens.shape)}")
+        rows, threads = tokens.shape[0], torch.get_num_threads()
         if not 1 <= rows <= MAX_ROWS:
             raise FusedStepError(f"the fused step takes 1..{MAX_ROWS} rows, got {rows}")
         states = self._bind_state(state, rows)
