@@ -97,13 +97,15 @@ def cpu_name() -> str:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL:
-    """Build (or find the cached build of) fused_step.cpp for this CPU and load it."""
+def _library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Build (or find the cached build of) fused_step.cpp for this CPU and load it. `extra_flags` (tests): e.g.
+    ("-mno-avx512f",) builds the code an AVX2-only CPU gets."""
+    flags = (*FLAGS, *extra_flags)
     compiler = _compiler()
     if compiler is None:
         raise FusedStepError("no C++ compiler (install g++ or set CXX)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, *FLAGS, cpu_name()]).encode()).hexdigest()
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, *flags, cpu_name()]).encode()).hexdigest()
     target = _cache_dir() / f"fused_step-{key[:16]}.so"
     if not target.is_file():
         try:
@@ -114,7 +116,7 @@ def _library() -> ctypes.CDLL:
         if not writable:  # a read-only home: build for this process only
             target = Path(tempfile.mkdtemp(prefix="simba-fused-")) / target.name
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        built = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        built = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
         if built.returncode != 0:
             tmp.unlink(missing_ok=True)
             raise FusedStepError(f"building {SOURCE.name} failed:\n{built.stderr.strip()[-2000:]}")

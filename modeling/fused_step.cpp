@@ -24,7 +24,17 @@
 
 namespace {
 
-constexpr int kLanes = 16;
+// Vectors of the machine's widest float registers (-march=native): 16 floats with AVX-512, 8 with AVX, 4 otherwise
+// (SSE, NEON), and how many registers it has. A wider Vec than the registers would be split into pairs and spill.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kRegisters = 32;
+#elif defined(__AVX__)
+constexpr int kLanes = 8, kRegisters = 16;
+#elif defined(__aarch64__)
+constexpr int kLanes = 4, kRegisters = 32;
+#else
+constexpr int kLanes = 4, kRegisters = 16;
+#endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 constexpr int kBlockRows = 8;  // rows per register block of a weight product
 constexpr int kMaxRows = 64;
@@ -37,13 +47,19 @@ inline Vec load(const float* p) {
 
 inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 
-typedef float Half __attribute__((vector_size(kLanes / 2 * sizeof(float))));
-typedef float Quarter __attribute__((vector_size(kLanes / 4 * sizeof(float))));
+typedef float Four __attribute__((vector_size(4 * sizeof(float))));
 
-inline float hsum(Vec v) {  // a tree of halves: 4 adds deep, in a few shuffles
-  const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const Quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+inline float hsum(Vec v) {  // a tree of halves, in a few shuffles
+#if defined(__AVX512F__)
+  typedef float Eight __attribute__((vector_size(8 * sizeof(float))));
+  const Eight h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Four q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+#elif defined(__AVX__)
+  const Four q = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+#else
+  const Four q = v;
+#endif
   return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
@@ -142,8 +158,9 @@ void tile(const float* W, const float* bias, const float* a, int64_t lda, float*
 
 typedef void (*Tile)(const float*, const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t);
 
-// Weight rows per tile: 3 x 8 accumulators + 3 weight vectors + 1 activation vector = 28 of AVX-512's 32 registers.
-constexpr int kTileW = 3;
+// Weight rows per tile: 3 x 8 accumulators + 3 weight vectors + 1 activation vector = 28 of 32 registers (AVX-512,
+// NEON); with 16 registers (AVX2, SSE) one weight row, 10 registers.
+constexpr int kTileW = kRegisters >= 32 ? 3 : 1;
 
 template <bool kAccumulate>
 Tile tile_for(int64_t rows) {
@@ -385,7 +402,7 @@ void group_BC(const Dims& d, const float* const* w, const float* xbc, const floa
   apply<vsilu, silu>(BC, 2 * N);
 }
 
-// One block of kV vectors (kV * 16 entries) of d_state, for every p of a head: state[p, :] = dA state[p, :] + (x
+// One block of kV vectors (kV * kLanes entries) of d_state, for every p of a head: state[p, :] = dA state[p, :] + (x
 // dt)[p] B and y[p] += state[p, :] . C over the block. B and C stay in registers for all P rows (16 of AVX-512's 32
 // for kV = 8), so the loop loads only the state: reloading them per row made the SSM phase ~2x as long as its
 // state traffic, and the mid-size step 10% slower at ~62 GB/s.
@@ -407,12 +424,16 @@ void ssm_block(float* state, int64_t N, int64_t P, const float* B, const float* 
   }
 }
 
-// A head's state update over all of d_state (N): blocks of 8 vectors, one block of what is left, a scalar tail.
+// Vectors of B (and of C) per block of the state update: B and C take half the registers.
+constexpr int kStateBlock = kRegisters / 4;
+
+// A head's state update over all of d_state (N): blocks of kStateBlock vectors, one block of what is left, a scalar
+// tail.
 void ssm_update(float* state, int64_t N, int64_t P, const float* B, const float* C, const float* xdt, float dA,
                 float* y) {
-  constexpr int64_t kBlock = 8 * kLanes;
+  constexpr int64_t kBlock = kStateBlock * kLanes;
   int64_t n = 0;
-  for (; n + kBlock <= N; n += kBlock) ssm_block<8>(state + n, N, P, B + n, C + n, xdt, dA, y);
+  for (; n + kBlock <= N; n += kBlock) ssm_block<kStateBlock>(state + n, N, P, B + n, C + n, xdt, dA, y);
   typedef void (*Block)(float*, int64_t, int64_t, const float*, const float*, const float*, float, float*);
   static constexpr Block kBlocks[] = {nullptr, ssm_block<1>, ssm_block<2>, ssm_block<3>,
                                       ssm_block<4>, ssm_block<5>, ssm_block<6>, ssm_block<7>};

@@ -8,6 +8,7 @@ model's widths (8, 16, 32, 64) and an odd one (widths 24, 40, 48, 20, 80).
 from __future__ import annotations
 
 import copy
+import platform
 
 import pytest
 import torch
@@ -91,11 +92,15 @@ def test_fused_step_equals_the_eager_step(config, rows, n_threads, threads):
     """Teacher-forced steps from one prefill: the same logits, conv and SSM states and positions, every step."""
     threads(n_threads)
     model = tiny_model("simba", seed=2, **config)
-    steps = 8
+    _assert_steps_match(model, FusedStep(model), rows)
+
+
+def _assert_steps_match(model, fused: FusedStep, rows: int, steps: int = 8) -> None:
+    """Teacher-forced steps of `fused` and of the eager step from one prefill: the same logits, conv and SSM states
+    and positions, every step."""
     tokens, text, mask = _prompt(rows, model.vocab_size, steps)
     _, eager_state = model.prefill(tokens[:, :2], text, mask, max_len=steps + 4)
     fused_state = copy.deepcopy(eager_state)
-    fused = FusedStep(model)
     worst_logits = worst_state = 0.0
     for t in range(2, steps + 2):
         eager = model.step(tokens[:, t], eager_state)
@@ -108,6 +113,20 @@ def test_fused_step_equals_the_eager_step(config, rows, n_threads, threads):
                 worst_state = max(worst_state, ((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item())
     print(f"max relative difference: logits {worst_logits:.1e}, states {worst_state:.1e}")
     assert worst_logits < 1e-5 and worst_state < 1e-5
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set flags")
+@pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx",)], ids=["avx2-8-lanes", "sse-4-lanes"])
+@pytest.mark.parametrize("config, rows", [(WIDE_STATE, 2), (NARROW_K, 9)], ids=["wide-state", "narrow-k-tiles"])
+@torch.no_grad()
+def test_the_kernel_built_for_narrower_vectors_equals_the_eager_step(flags, config, rows, threads):
+    """The kernel takes the machine's vector width (16 floats with AVX-512, 8 with AVX2, 4 with SSE or NEON) and
+    sizes its register blocks to it: the builds an AVX2-only or SSE-only CPU gets, compiled here."""
+    threads(2)
+    model = tiny_model("simba", seed=2, **config)
+    fused = FusedStep(model)
+    fused._library = _library(flags)
+    _assert_steps_match(model, fused, rows)
 
 
 @torch.no_grad()
