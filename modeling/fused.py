@@ -259,14 +259,13 @@ class FusedStep:
             self._params += [_attribute(layer, path) for path in LAYER_PARAMS]
         self._vocab = model.head.out_features
         self._workspaces: dict[tuple[int, int], Tensor] = {}  # (rows, threads) -> scratch memory
-        # The weights' and the last call's state's C pointer arrays, with the tensors and addresses they hold.
+        # The C pointer arrays of the weights and of the last call's state, with the addresses they were made from.
         self._weights: _Bound | None = None
         self._state: _Bound | None = None
         self._param_shapes = [None if t is None else t.shape for t in self._params]
         self._n_layers = len(model.layers)
         mixer = model.layers[0].mixer
-        self._layer_state_shapes = [(mixer.conv_dim, mixer.d_conv), (mixer.nheads, mixer.headdim, mixer.d_state)]
-        self._state_shapes: dict[int, list[tuple[int, ...]]] = {}  # rows -> the conv and SSM state shapes
+        self._state_shapes = [(mixer.conv_dim, mixer.d_conv), (mixer.nheads, mixer.headdim, mixer.d_state)]
 
     def _bind_weights(self) -> _Bound:
         bound = self._weights
@@ -294,9 +293,7 @@ class FusedStep:
             raise FusedStepError(f"the decoding state was allocated for another batch than {rows} rows")
         if next_pos.dtype != torch.int64 or not next_pos.is_contiguous():
             raise FusedStepError("state.next_pos must be a contiguous int64 CPU tensor")
-        shapes = self._state_shapes.get(rows)
-        if shapes is None:
-            shapes = self._state_shapes[rows] = [(rows, *shape) for shape in self._layer_state_shapes]
+        shapes = [(rows, *shape) for shape in self._state_shapes]
         tensors = [next_pos]
         for layer in layers:
             for t, shape in zip((layer.mixer.conv_state, layer.mixer.ssm_state), shapes, strict=True):

@@ -7,9 +7,10 @@
 //   conv-state shift; gated norm (redundantly) -> out_proj + x    | barrier
 //   norm2 (redundantly) -> fc1 + GELU                            | barrier
 //   fc2 + x                                                      | barrier
-// Weight products ("gemv") stream one weight row at a time and multiply every activation row by it while it is
-// in registers; each thread streams one contiguous range of weight rows. Before each barrier a thread prefetches
-// the start of its share of the next phase (kPrefetchBytes). The SSM update keeps B and C in registers.
+// Weight products ("gemv") stream one weight row at a time (above 8 activation rows, tiles of 3 weight rows) and
+// multiply every activation row by it while it is in registers; each thread streams one contiguous range of
+// weight rows. Before each barrier a thread prefetches the start of its share of the next phase (kPrefetchBytes).
+// The SSM update keeps B and C in registers.
 //
 // Everything is fp32, in the order of modeling.mamba2.Mamba2.step and modeling.layers.Block.step; results equal
 // the eager step to fp32 rounding (tests/modeling/test_fused.py). Built by modeling/fused.py with
@@ -227,10 +228,19 @@ inline void my_share(int64_t count, int64_t* begin, int64_t* end) {
   *end = *begin + q + (t < r ? 1 : 0);
 }
 
-// Rows of W (N x K) per chunk of a product: ~64 KiB of weights.
-inline int64_t chunk_rows(int64_t K) {
-  return std::max<int64_t>(kLanes, (int64_t{64} << 10) / (K * static_cast<int64_t>(sizeof(float))));
-}
+// This thread's share of a product over W's N rows of K: rows [begin, end), streamed in chunks of `step` rows
+// (~64 KiB of weights), the chunks split as my_share splits them.
+struct RowShare {
+  int64_t step, begin, end;
+
+  RowShare(int64_t N, int64_t K)
+      : step(std::max<int64_t>(kLanes, (int64_t{64} << 10) / (K * static_cast<int64_t>(sizeof(float))))) {
+    int64_t first, last;
+    my_share((N + step - 1) / step, &first, &last);
+    begin = std::min(N, first * step);
+    end = std::min(N, last * step);
+  }
+};
 
 // Each phase ends with every thread asking for the first kPrefetchBytes of what it streams next (into L2), before
 // the barrier: a new stream otherwise starts with the hardware prefetcher untrained, 60 times a step. On the AMD
@@ -250,12 +260,9 @@ struct NextProduct {
 
   void operator()() const {
     if (!W) return;
-    const int64_t step = chunk_rows(K);
-    int64_t begin, end;
-    my_share((N + step - 1) / step, &begin, &end);
-    if (begin >= end) return;
-    const int64_t bytes = (std::min(N, end * step) - begin * step) * K * static_cast<int64_t>(sizeof(float));
-    prefetch(W + begin * step * K, std::min(kPrefetchBytes, bytes));
+    const RowShare share(N, K);
+    const int64_t bytes = (share.end - share.begin) * K * static_cast<int64_t>(sizeof(float));
+    if (bytes > 0) prefetch(W + share.begin * K, std::min(kPrefetchBytes, bytes));
   }
 };
 
@@ -267,11 +274,9 @@ struct NextProduct {
 template <typename Finish, typename Next>
 void products(const Product& gemv, const float* W, const float* bias, const float* a, int64_t lda, float* out,
               int64_t ldo, int64_t N, int64_t K, Finish finish, Next next) {
-  const int64_t step = chunk_rows(K);
-  int64_t begin, end;
-  my_share((N + step - 1) / step, &begin, &end);
-  for (int64_t c = begin; c < end; ++c) {
-    const int64_t n0 = c * step, n1 = std::min(N, n0 + step);
+  const RowShare share(N, K);
+  for (int64_t n0 = share.begin; n0 < share.end; n0 += share.step) {
+    const int64_t n1 = std::min(share.end, n0 + share.step);
     gemv(W, bias, a, lda, out, ldo, n0, n1, K);
     finish(n0, n1);
   }
