@@ -5,16 +5,19 @@ For each checkpoint (`CheckpointEvaluator`):
    set (its first `eval.limit`), from the T5 features stored with it, with the checkpoint's sampling settings;
 2. scoring: a Ray Data actor pool of `ClipScorer`s (`eval.actors`, `eval.gpus_per_actor` each) turns the clips into
    evidence; the references' evidence is computed once and reused for every checkpoint of a call;
-3. outputs: `<run>/eval/step_NNNNNN/` gets the generated WAVs (spectrograms of the first few) and, last,
-   `metrics.json`; the training run the checkpoint came from gets `eval/fad`, `eval/kld`, `eval/kld_reverse` and
-   `eval/clap` at the checkpoint's optimizer step, with metrics.json and the first clips as artifacts.
-A checkpoint whose `metrics.json` exists is done: `evaluate_run` evaluates only the others (resumable).
+3. outputs: `<run>/eval/step_NNNNNN/` gets the generated WAVs (spectrograms of the first few); the training run
+   the checkpoint came from gets `eval/fad`, `eval/kld`, `eval/kld_reverse` and `eval/clap` at the checkpoint's
+   optimizer step, with metrics.json and the first clips as artifacts; `metrics.json` is written last, once the
+   numbers are in MLflow.
+A step's `metrics.json` records the settings its numbers depend on (`evaluation_settings`); eval/runs.py decides
+from it which steps of a run to evaluate.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from configs.schema import EvalConfig, ExperimentConfig
+from configs.schema import EvalConfig, ExperimentConfig, GenerationConfig
 from eval.plots import spectrogram_png
 from eval.scoring import Evidence, evidence_on_ray, set_metrics
-from pipelines.files import atomic_write
 from pipelines.generation import slugify
+from pipelines.paths import resolve_path_or_id
 from pipelines.preprocess.evalset import EvalSet, read_evalset
 
 EVAL_DIR = "eval"  # in a run folder: one step_NNNNNN/ per evaluated checkpoint
@@ -34,6 +37,10 @@ METRICS_FILE = "metrics.json"
 N_EXAMPLES = 4  # clips per checkpoint with a spectrogram, logged to MLflow
 MAX_CLIPS_PER_PASS = 2048  # generated clips held at once (10 s at 44.1 kHz: 3.6 GB in the object store)
 EVAL_CHECKPOINT_DIR = "eval_checkpoints"  # weights-only checkpoints kept for evaluation (train.eval_checkpoint_every)
+SAMPLING_KEYS = ("seconds", "top_k", "top_p", "temperature", "cfg_scale", "seed", "batch_size")  # in metrics.json
+# The sampling settings two evaluations must share to be comparable: the distribution sampled from. The seed, the
+# batch split (which seeds each caption gets) and the decoding path only change which sample is drawn.
+DISTRIBUTION_KEYS = ("top_k", "top_p", "temperature", "cfg_scale")
 
 
 @dataclass
@@ -66,18 +73,31 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 def run_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     """Every saved model of a run folder by optimizer step (Ray Train's checkpoints, local-mode ones, the
-    weights-only evaluation ones), newest file per step; `best/` (a copy of some step) and hidden folders skipped."""
-    from pipelines.train.checkpoints import BEST_DIR, MODEL_FILE, saved_step
+    weights-only evaluation ones), newest file per step; `best/` (a copy of some step) and hidden folders skipped.
+
+    Raises:
+        FileNotFoundError when `run_dir` does not exist.
+        ValueError when its checkpoints belong to several runs (a storage folder, a sweep's folder), listing them.
+    """
+    from pipelines.train.checkpoints import BEST_DIR, MODEL_FILE, saved_config, saved_step
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
     found: dict[int, Path] = {}
+    runs: dict[Path, int] = {}  # the run folder of each checkpoint: one expected
     for file in sorted(run_dir.rglob(MODEL_FILE), key=lambda f: f.stat().st_mtime):
         parts = file.relative_to(run_dir).parts
         if any(p.startswith(".") for p in parts) or BEST_DIR in parts[:-1] or parts[0] == EVAL_DIR:
             continue
         found[saved_step(file)] = file
+        folder = run_folder(file, saved_config(file))
+        runs[folder] = runs.get(folder, 0) + 1
+    if len(runs) > 1:
+        listing = "\n".join(f"  {folder} ({count} checkpoints)" for folder, count in sorted(runs.items()))
+        raise ValueError(
+            f"{run_dir} holds the checkpoints of {len(runs)} runs; pass one run folder to --run:\n{listing}"
+        )
     return dict(sorted(found.items()))
 
 
@@ -93,6 +113,11 @@ def _generate_shard(
     model, cfg, _ = load_model(checkpoint, device=device)
     evalset = read_evalset(set_dir, limit)
     codec = load_codec(overrides.pop("codec", None) or cfg.preprocess.codec, device=device, setting="preprocess.codec")
+    if int(codec.sample_rate) != evalset.sample_rate:
+        raise ValueError(
+            f"the codec decodes at {codec.sample_rate} Hz but the eval set's references are at {evalset.sample_rate} "
+            "Hz: generations and references must be compared at one rate (write the eval set with this codec)"
+        )
     options = sampling_options(dataclasses.replace(cfg.generation, **overrides), cfg.data.frame_rate)
     options["batch_size"] = batch
     options["seed"] += rows[0] // batch
@@ -124,10 +149,12 @@ def launch_generation(
 
 
 def write_outputs(out_dir: Path, evalset: EvalSet, audio: np.ndarray, sample_rate: int, n_examples: int) -> list[Path]:
-    """Each clip as `NNNN_<caption slug>.wav` (16-bit), spectrograms of the first `n_examples`. Returns the example
-    files (WAV and PNG)."""
+    """Each clip as `NNNN_<caption slug>.wav` (16-bit), spectrograms of the first `n_examples`, in `out_dir/clips`
+    (emptied first: an earlier evaluation's clips are not mixed in). Returns the example files (WAV and PNG)."""
     clips = out_dir / "clips"
-    clips.mkdir(parents=True, exist_ok=True)
+    if clips.is_dir():
+        shutil.rmtree(clips)
+    clips.mkdir(parents=True)
     examples = []
     for i, (caption, clip) in enumerate(zip(evalset.captions, audio, strict=True)):
         stem = f"{i:04d}_{slugify(caption)}"
@@ -151,6 +178,64 @@ def find_training_run(cfg: ExperimentConfig, uri: str) -> str | None:
         return None
     found = find_run(client, exp.experiment_id, cfg.name, run_dir_of(cfg))
     return found.info.run_id if found else None
+
+
+def sampling_settings(generation: GenerationConfig) -> dict:
+    """The sampling settings of a generation config that metrics.json records."""
+    return {k: getattr(generation, k) for k in SAMPLING_KEYS}
+
+
+def _model_id(value: str | None) -> str | None:
+    return resolve_path_or_id(value) if value else value
+
+
+def evaluation_settings(e: EvalConfig, set_dir: str | Path, clips: int, generation: GenerationConfig) -> dict:
+    """What an evaluation's numbers depend on besides the checkpoint: which references (the eval set's folder and
+    how many of its captions), how long a clip is compared, the scoring models and the sampling distribution.
+    metrics.json keeps it as `settings`; a step is evaluated again only when these differ (`setting_changes`)."""
+    models = {"clap": _model_id(e.clap), "passt": _model_id(e.passt)}
+    if e.fad_embedder == "vggish":
+        models["vggish"] = _model_id(e.vggish)
+    return {
+        "eval_set": str(Path(set_dir).resolve()),
+        "clips": clips,
+        "seconds_per_clip": e.seconds,
+        "fad_embedder": e.fad_embedder,
+        "models": models,
+        "sampling": {k: getattr(generation, k) for k in DISTRIBUTION_KEYS},
+    }
+
+
+def setting_changes(recorded: dict | None, wanted: dict) -> list[str]:
+    """How `wanted` differs from a metrics.json's `settings`, one "key: old -> new" per difference."""
+    if recorded is None:
+        return ["settings: not recorded (written by an earlier version)"]
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(recorded), flat(wanted)
+    keys = sorted(old.keys() | new.keys())
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def check_evalset(e: EvalConfig, evalset: EvalSet, set_dir: str | Path) -> None:
+    """Refuse, before anything is generated, settings this eval set cannot be scored with."""
+    length = evalset.audio.shape[1]
+    if int(round(e.seconds * evalset.sample_rate)) > length:
+        raise ValueError(
+            f"eval.seconds={e.seconds:g} (--seconds) is longer than the reference clips of {set_dir} "
+            f"({length / evalset.sample_rate:g} s): generations are compared with references of that length; "
+            "evaluate at most that long, or write the eval set with longer clips"
+        )
+    if e.fad_embedder == "clap" and len(evalset) < 2:
+        raise ValueError(
+            f"FAD on CLAP embeddings (eval.fad_embedder=clap, one per clip) needs at least 2 clips, and {len(evalset)} "
+            "caption(s) are evaluated: raise eval.limit (--limit), or set eval.fad_embedder=vggish"
+        )
 
 
 def check_cluster(e: EvalConfig, device: str) -> None:
@@ -182,7 +267,21 @@ class CheckpointEvaluator:
         self.e, self.set_dir, self.device, self.uri = e, Path(set_dir), device, tracking_uri
         self.overrides = {"seconds": e.seconds, **overrides}
         self.evalset = read_evalset(self.set_dir, e.limit)
+        check_evalset(e, self.evalset, self.set_dir)
         self.references: Evidence | None = None
+
+    def generation(self, cfg: ExperimentConfig) -> GenerationConfig:
+        """A checkpoint's generation settings with this evaluation's overrides (validated: ConfigError)."""
+        return dataclasses.replace(cfg.generation, **{k: v for k, v in self.overrides.items() if k != "codec"})
+
+    def settings(self, cfg: ExperimentConfig) -> dict:
+        """`evaluation_settings` of a checkpoint whose config is `cfg`."""
+        return evaluation_settings(self.e, self.set_dir, len(self.evalset), self.generation(cfg))
+
+    def training_run(self, cfg: ExperimentConfig) -> tuple[str | None, str]:
+        """(the id of the MLflow run that trained `cfg` or None, the store's URI)."""
+        uri = self.uri or self._uri(cfg)
+        return find_training_run(cfg, uri), uri
 
     def __call__(self, checkpoint: Path, out_dir: Path | None = None) -> Evaluation:
         return self.evaluate([(Path(checkpoint), out_dir)])[0]
@@ -207,7 +306,7 @@ class CheckpointEvaluator:
         jobs = []
         for file, out in checkpoints:
             step, cfg = saved_step(file), saved_config(file)
-            batch = self.overrides.get("batch_size") or cfg.generation.batch_size
+            batch = self.generation(cfg).batch_size
             refs = launch_generation(file, batch, n, self.e, self.set_dir, self.overrides, self.device)
             out = Path(out) if out is not None else step_dir(run_folder(file, cfg), step)
             jobs.append((Path(file), out, step, cfg, refs))
@@ -229,15 +328,20 @@ class CheckpointEvaluator:
         results = []
         for (file, out, step, cfg, _), clips, ev in zip(jobs, audio, evidence, strict=True):
             metrics = set_metrics(ev, self.references)
-            uri = self.uri or self._uri(cfg)
-            run_id = find_training_run(cfg, uri)
+            run_id, uri = self.training_run(cfg)
             logger = None
             if run_id is not None:
                 from pipelines.train.tracking import RunLogger
 
                 logger = RunLogger(run_id, uri)
-            info = {"checkpoint": str(file), "mlflow_run_id": run_id, "eval_set": str(self.set_dir)}
-            record(out, step, cfg, self.e, self.evalset, clips, metrics, seconds, logger, self.overrides, info)
+            generation = self.generation(cfg)
+            info = {
+                "checkpoint": str(file),
+                "mlflow_run_id": run_id,
+                "eval_set": str(self.set_dir),
+                "settings": evaluation_settings(self.e, self.set_dir, n, generation),
+            }
+            record(out, step, cfg, self.e, self.evalset, clips, metrics, seconds, logger, generation, info)
             results.append(Evaluation(step, file, metrics, out, run_id, seconds))
         return results
 
@@ -258,11 +362,16 @@ def record(
     metrics: dict[str, float],
     seconds: dict[str, float],
     logger,
-    generation: dict,
+    generation: GenerationConfig,
     info: dict,
 ) -> None:
-    """Write the clips and, last, metrics.json (its presence marks the step as evaluated) into `out_dir`; log the
-    metrics at `step` and metrics.json + the first clips to `logger`'s run (a `RunLogger`, or None)."""
+    """Write the clips into `out_dir`, log the metrics at `step` and the first clips to `logger`'s run (a
+    `RunLogger`, or None), then write metrics.json (its presence marks the step as done) and log it too. An
+    existing metrics.json (an evaluation with other settings) is first renamed `metrics.replaced-<UTC time>.json`,
+    so that a crash on the way leaves the step to do again."""
+    previous = Path(out_dir) / METRICS_FILE
+    if previous.is_file():
+        previous.rename(previous.with_name(f"metrics.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"))
     examples = write_outputs(out_dir, evalset, audio, evalset.sample_rate, N_EXAMPLES)
     summary = {
         "step": step,
@@ -273,16 +382,42 @@ def record(
         "seconds_per_clip": e.seconds,
         "fad_embedder": e.fad_embedder,
         "models": {"clap": e.clap, "passt": e.passt, "vggish": e.vggish},
-        "generation": {k: v for k, v in generation.items() if k != "codec"},
+        "generation": sampling_settings(generation),
         "wall_seconds": {k: round(v, 2) for k, v in seconds.items()},
         **info,
     }
-    atomic_write(out_dir / METRICS_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     if logger is not None:
         logger.metrics(metrics, step=step)
-        logger.artifact(out_dir / METRICS_FILE, f"eval/step_{step:06d}")
         for file in examples:
             logger.artifact(file, f"eval/step_{step:06d}")
+    write_metrics(out_dir, summary, logger)
+
+
+def write_metrics(out_dir: Path, summary: dict, logger) -> None:
+    """`summary` as out_dir/metrics.json (replaced whole), also logged to `logger`'s run when given. The file
+    appears only once it is logged: a crash before leaves the step to do again."""
+    final = Path(out_dir) / METRICS_FILE
+    pending = Path(out_dir) / ".pending"  # hidden: never taken for a step's outputs
+    pending.mkdir(parents=True, exist_ok=True)
+    staged = pending / METRICS_FILE
+    staged.write_text(json.dumps(summary, indent=2) + "\n")
+    if logger is not None:
+        logger.artifact(staged, f"eval/step_{summary['step']:06d}")
+    staged.replace(final)
+    pending.rmdir()
+
+
+def log_recorded(out_dir: Path, logger) -> dict:
+    """Log a step evaluated while no training run was found (its metrics.json says `mlflow_run_id: null`) to
+    `logger`'s run now: the metrics at its step, the example clips and metrics.json, which then names the run."""
+    summary = json.loads((Path(out_dir) / METRICS_FILE).read_text())
+    step = summary["step"]
+    logger.metrics(summary["metrics"], step=step)
+    for png in sorted((Path(out_dir) / "clips").glob("*.png")):  # the examples: the clips with a spectrogram
+        for file in (png.with_suffix(".wav"), png):
+            logger.artifact(file, f"eval/step_{step:06d}")
+    write_metrics(out_dir, {**summary, "mlflow_run_id": logger.run_id}, logger)
+    return summary
 
 
 class PeriodicEvaluator:
@@ -296,6 +431,7 @@ class PeriodicEvaluator:
 
         self.cfg, self.device, self.run_dir = cfg, device, run_dir
         self.evalset = read_evalset(cfg.eval.set_dir, cfg.eval.limit)
+        check_evalset(cfg.eval, self.evalset, cfg.eval.set_dir)
         self.codec = load_codec(cfg.preprocess.codec, device=device, setting="preprocess.codec")
         self.scorer = ClipScorer(cfg.eval, str(device))
         self.references: Evidence | None = None
@@ -321,31 +457,18 @@ class PeriodicEvaluator:
         metrics = set_metrics(generated, self.references)
         seconds["score"] = time.perf_counter() - t0
         if self.run_dir is not None:
-            info = {"checkpoint": None, "during_training": True, "eval_set": self.cfg.eval.set_dir}
-            gen = dataclasses.asdict(generation)
-            gen = {k: gen[k] for k in ("seconds", "top_k", "top_p", "temperature", "cfg_scale", "seed")}
+            info = {
+                "checkpoint": None,
+                "during_training": True,
+                "mlflow_run_id": logger.run_id if logger is not None else None,
+                "eval_set": self.cfg.eval.set_dir,
+                "settings": evaluation_settings(e, e.set_dir, len(self.evalset), generation),
+            }
             out = step_dir(self.run_dir, step)
-            record(out, step, self.cfg, e, self.evalset, audio, metrics, seconds, logger, gen, info)
+            record(out, step, self.cfg, e, self.evalset, audio, metrics, seconds, logger, generation, info)
         elif logger is not None:
             logger.metrics(metrics, step=step)
         return metrics
-
-
-def evaluate_run(evaluator: CheckpointEvaluator, run_dir: Path, log=print) -> tuple[list[Evaluation], list[int]]:
-    """Evaluate every checkpoint of `run_dir` that has no metrics.json yet, in step order.
-
-    Returns:
-        (the new evaluations, the steps skipped as already done).
-    """
-    checkpoints = run_checkpoints(run_dir)
-    if not checkpoints:
-        raise FileNotFoundError(f"no checkpoint (model.pt) in {str(run_dir)!r} or below")
-    skipped = [step for step in checkpoints if (step_dir(run_dir, step) / METRICS_FILE).is_file()]
-    todo = [(file, step_dir(run_dir, step)) for step, file in checkpoints.items() if step not in skipped]
-    done = evaluator.evaluate(todo, log) if todo else []
-    for ev in done:
-        log(format_metrics(ev))
-    return done, skipped
 
 
 def format_metrics(ev: Evaluation) -> str:

@@ -5,11 +5,13 @@ and `eval/clap` into the same run at the checkpoint's optimizer step. This modul
 (`MlflowClient.get_metric_history`), draws them (`eval.plots.metrics_over_steps_png`), writes the plotted points as
 a CSV and records both in a new "comparison" run of the source runs' experiment.
 
-Runs are named by id or by run name (a training run is named after its config's `name`). A name that matches
-several runs (the same config trained into two storage folders, or re-created after a deletion) resolves to the
-newest of them, and a note says which and lists the others' ids. A metric logged twice at one step (a training
-run resumed from an earlier checkpoint logs the steps after it again, an evaluation re-run logs its step again)
-keeps its last-logged value: the one of the history that went on.
+Runs are named by id or by run name (a training run is named after its config's `name`). A name is looked up
+among the training runs (tagged `simba_ttm.name`; other runs only when no training run has it), leaving out runs
+superseded by a new training of the same folder. A name that still matches several runs (the same config trained
+into two storage folders or experiments) is refused, listing their ids to choose from.
+
+A metric logged twice at one step (a training run resumed from an earlier checkpoint logs the steps after it again,
+an evaluation re-run logs its step again) keeps its last-logged value: the one of the history that went on.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ LISTED = 30  # runs named in an unknown-run error
 
 
 class RunNotFoundError(LookupError):
-    """A --runs entry that is neither a run id nor a run name in the store."""
+    """A --runs entry that is neither a run id nor a run name in the store, or a name of several runs."""
 
 
 @dataclass
@@ -86,10 +88,13 @@ def find_runs(client: MlflowClient, refs: Sequence[str]) -> tuple[list[Run], lis
     """Resolve run ids or run names to runs, in the order given (a run named twice is kept once).
 
     Returns:
-        (runs, notes): notes say which run an ambiguous name resolved to.
+        (runs, notes): notes say which entries named one run twice.
     Raises:
-        RunNotFoundError naming the missing entries and listing the runs the store holds.
+        RunNotFoundError naming the missing entries and listing the runs the store holds, or naming a run name
+        that several training runs share, with their ids.
     """
+    from pipelines.train.tracking import NAME_TAG, SUPERSEDED_TAG
+
     experiments = _experiment_ids(client)
     runs: dict[str, Run] = {}
     notes, missing = [], []
@@ -104,12 +109,11 @@ def find_runs(client: MlflowClient, refs: Sequence[str]) -> tuple[list[Run], lis
                 run = None
         if run is None:
             matches = _all_runs(client, experiments, f"attributes.run_name = {_quoted(ref)}") if experiments else []
+            training = [m for m in matches if NAME_TAG in m.data.tags and SUPERSEDED_TAG not in m.data.tags]
+            matches = training or matches
             if len(matches) > 1:
-                others = ", ".join(m.info.run_id for m in matches[1:])
-                notes.append(
-                    f"run name {ref!r} matches {len(matches)} runs; using the newest, {_describe(matches[0])} "
-                    f"(pass a run id to choose another: {others})"
-                )
+                listing = "\n".join(f"  {_describe(m)}" for m in matches)
+                raise RunNotFoundError(f"run name {ref!r} names {len(matches)} runs; pass one's id:\n{listing}")
             run = matches[0] if matches else None
         if run is None:
             missing.append(ref)

@@ -98,6 +98,15 @@ def _relative_sqlite(uri: str) -> str | None:
     return None if not file or file.startswith("/") or file.startswith(":memory:") else file
 
 
+def check_store_exists(uri: str) -> None:
+    """FileNotFoundError naming the setting when `uri` is a SQLite store whose file does not exist: MLflow would
+    create an empty store there and find none of the runs a job reads or logs into."""
+    if uri.startswith(SQLITE) and not Path(uri[len(SQLITE) :]).is_file():
+        raise FileNotFoundError(
+            f"no MLflow store at {uri}: set mlflow.tracking_uri in --config, or $MLFLOW_TRACKING_URI"
+        )
+
+
 def absolute_tracking_uri(uri: str) -> str:
     """An MLflow tracking URI with a relative SQLite store made absolute (`resolve_path`)."""
     file = _relative_sqlite(uri)

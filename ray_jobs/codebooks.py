@@ -1,4 +1,4 @@
-"""`simba-ttm codebooks --config FILE [key=value ...] [--evalset DIR] [--limit N] [--out DIR]`: the paper's Fig. 1.
+"""`simba-ttm codebooks [--config FILE] [key=value ...] [--evalset DIR] [--limit N] [--out DIR]`: the paper's Fig. 1.
 
 Decodes each eval-set reference's stored DAC codes from its first k = 1..9 codebooks and measures, per k, the FAD
 of the reconstructions against the original references (`eval.fad_embedder`) and their CLAP score against the
@@ -7,7 +7,8 @@ codebooks.csv to --out, prints a table, and logs a new MLflow run tagged `simba_
 `codebooks/fad` and `codebooks/clap` at step k, the PNG and CSV as artifacts) in the config's experiment.
 
 The eval set defaults to `eval.set_dir` (written by `simba-ttm make-evalset`) and its first `eval.limit` captions;
-the models are `preprocess.codec`, `eval.clap` and `eval.vggish` (the latter only for `eval.fad_embedder: vggish`).
+the models are `preprocess.codec`, `eval.clap` and `eval.vggish` (the latter only for `eval.fad_embedder: vggish`);
+without --config, the defaults (the paper's models, by id, from the local caches).
 It runs in this process (see eval/codebooks.py for the cost and how it would scale): `ray job submit ... --
 simba-ttm codebooks ...` runs it on a GPU box, where the decodes and embeddings take minutes for the Song Describer
 set.
@@ -31,7 +32,7 @@ TINY_NOTE = "tiny random models (e.g. configs/debug.yaml): these numbers are not
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_config_args(parser, "eval.fad_embedder=clap")
+    add_config_args(parser, "eval.fad_embedder=clap", optional=True)
     parser.add_argument("--evalset", help="eval set folder (default: eval.set_dir)")
     parser.add_argument("--limit", type=int, help="the first N captions (default: eval.limit)")
     parser.add_argument("--out", default="outputs/codebooks", help="output folder (default: %(default)s)")

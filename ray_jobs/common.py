@@ -23,15 +23,21 @@ def fail(prog: str, message: object) -> int:
 
 
 def add_config_args(
-    parser: argparse.ArgumentParser, example: str, *, config: str | None = None, address: bool = False
+    parser: argparse.ArgumentParser,
+    example: str,
+    *,
+    config: str | None = None,
+    optional: bool = False,
+    address: bool = False,
 ) -> None:
-    """`--config FILE` (required unless `config` gives a default), `key=value` overrides (`example` shows one) and,
-    with `address`, `--address` of the Ray cluster."""
+    """`--config FILE` (required unless `config` gives a default, or `optional`: then the defaults, the paper's
+    setup), `key=value` overrides (`example` shows one) and, with `address`, `--address` of the Ray cluster."""
+    default = f" (default: {config})" if config else " (default: the defaults, the paper's setup)" if optional else ""
     parser.add_argument(
         "--config",
-        required=config is None,
+        required=config is None and not optional,
         default=config,
-        help="experiment YAML, e.g. configs/paper.yaml" + (" (default: %(default)s)" if config else ""),
+        help=f"experiment YAML, e.g. configs/paper.yaml{default}",
     )
     parser.add_argument("overrides", nargs="*", help=f"section.key=value overrides, e.g. {example}")
     if address:

@@ -5,9 +5,12 @@ the clips against the references, writes `<run>/eval/step_NNNNNN/metrics.json` w
 eval/fad, eval/kld, eval/kld_reverse and eval/clap to the MLflow run that trained the checkpoint, at its step.
 
 --checkpoint takes a model file, a checkpoint folder or a run folder (its last checkpoint; `--pick best`);
---run evaluates every checkpoint of a run folder that has no metrics.json yet (a rerun picks up where it stopped).
-The eval settings (models, eval set, limit, actors) come from --config when given, else from the checkpoint's own
-config. Generation runs as Ray tasks (one GPU each with --device cuda) and scoring as a Ray Data actor pool.
+--run evaluates every checkpoint of one run folder not yet evaluated with these settings (a rerun picks up where it
+stopped). A step evaluated with other settings (another eval set, --limit, --seconds, --cfg, scoring models) stops
+the job before anything runs, saying what differs; --force evaluates such steps again (the old metrics.json stays,
+renamed metrics.replaced-<time>.json). The eval settings (models, eval set, limit, actors) and the codec come from
+--config when given, else from the checkpoint's own config. Generation runs as Ray tasks (one GPU each with
+--device cuda) and scoring as a Ray Data actor pool.
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ from pathlib import Path
 
 from configs import ConfigError, load_config
 from modeling.pretrained.errors import MissingWeightsError
-from pipelines.paths import absolute_paths, check_job_paths, resolve_path, resolve_path_or_id
+from pipelines.paths import (
+    absolute_paths,
+    check_job_paths,
+    check_store_exists,
+    resolve_path,
+    resolve_path_or_id,
+)
 from ray_jobs.common import fail
 
 PROG = "simba-ttm evaluate"
@@ -42,9 +51,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="decode with the compiled SiMBA step (CPU)")  # fmt: skip
     parser.add_argument("--out", help="output folder with --checkpoint (default: <run>/eval/step_NNNNNN)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="where generation runs (default: cuda if any)")
+    parser.add_argument("--force", action="store_true", help="with --run: evaluate again steps evaluated otherwise")
     args = parser.parse_args(argv)
     if args.overrides and not args.config:
         return fail(PROG, "key=value overrides need --config (without it the checkpoint's own config is used)")
+    if args.run and (args.out or args.pick != "last"):
+        return fail(PROG, "--out and --pick go with --checkpoint; --run writes each step into <run>/eval/step_NNNNNN")
+    if args.force and not args.run:
+        return fail(PROG, "--force goes with --run (--checkpoint always evaluates)")
     try:
         cfg = load_config(args.config, args.overrides) if args.config else None
         paths = {"--checkpoint": args.checkpoint, "--run": args.run, "--out": args.out, "--evalset": args.evalset}
@@ -58,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here, after the arguments are read: --help and a bad flag answer at once.
     import torch
 
-    from eval.evaluate import CheckpointEvaluator, check_cluster, evaluate_run, format_metrics, run_checkpoints
+    from eval.evaluate import CheckpointEvaluator, check_cluster, format_metrics
+    from eval.runs import evaluate_run, plan_run
     from eval.scoring import check_weights
+    from modeling.pretrained.codec import codec_file
     from pipelines.runtime import ensure_ray
     from pipelines.train.checkpoints import find_checkpoint, saved_config
     from pipelines.train.tracking import resolve_tracking_uri
@@ -67,11 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.checkpoint:
             checkpoints = [find_checkpoint(target, args.pick)]
+            plan = None
         else:
+            from eval.evaluate import run_checkpoints
+
             checkpoints = list(run_checkpoints(target).values())
             if not checkpoints:
                 raise FileNotFoundError(f"no checkpoint (model.pt) in {str(target)!r} or below")
-        e = (cfg or saved_config(checkpoints[-1])).eval
+        configs = [saved_config(c) for c in checkpoints]
+        e = (cfg or configs[-1]).eval
         given = {"seconds": args.seconds, "limit": args.limit}
         e = dataclasses.replace(e, **{k: v for k, v in given.items() if v is not None})  # re-validated
         set_dir = resolve_path(args.evalset) if args.evalset else Path(e.set_dir)
@@ -82,9 +102,19 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {
             k: getattr(args, k) for k in ("cfg_scale", "batch_size", "compile") if getattr(args, k) is not None
         }
+        if cfg is not None:  # the codec too: a checkpoint moved from another machine names a path there
+            overrides["codec"] = cfg.preprocess.codec
         check_weights(e)  # fails here, naming the setting, when CLAP / PaSST / VGGish weights are missing
+        for c in configs:
+            codec_file(overrides.get("codec") or c.preprocess.codec, "preprocess.codec")
         uri = resolve_tracking_uri(cfg) if cfg else None  # None: each checkpoint's config (and $MLFLOW_TRACKING_URI)
+        for store in {uri} if uri else {resolve_tracking_uri(c) for c in configs}:
+            check_store_exists(store)  # where the training runs are
         evaluator = CheckpointEvaluator(e, set_dir, overrides, device, uri)
+        for c in configs:
+            evaluator.generation(c)  # --cfg and --batch-size checked against each checkpoint's settings
+        if args.run:
+            plan = plan_run(evaluator, target, force=args.force)
     except (ConfigError, MissingWeightsError, FileNotFoundError, ValueError) as err:
         return fail(PROG, err)
 
@@ -98,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         ev = evaluator(checkpoints[0], resolve_path(args.out) if args.out else None)
         print(format_metrics(ev))
-        evaluations, skipped = [ev], []
+        evaluations = [ev]
     else:
-        evaluations, skipped = evaluate_run(evaluator, target)
-        if skipped:
-            print(f"already evaluated (metrics.json present): steps {', '.join(map(str, skipped))}")
+        if plan.done:
+            print(f"already evaluated with these settings: steps {', '.join(map(str, plan.done))}")
+        if plan.changed and args.force:
+            print(f"evaluating again (--force): steps {', '.join(map(str, plan.changed))}")
+        evaluations, _ = evaluate_run(evaluator, target, plan=plan)
         if not evaluations:
             print("nothing new to evaluate")
     for ev in evaluations:

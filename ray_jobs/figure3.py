@@ -4,7 +4,7 @@ FAD, KLD and CLAP score (logged by `simba-ttm evaluate` at each checkpoint's opt
 line per run labelled with its decoder (`model.arch`) and run name, and a train/validation loss panel. Writes
 figure3.png and figure3.csv (exactly the plotted points) to --out and logs both to a new MLflow run tagged
 `simba_ttm.kind=figure3` in the first run's experiment. A RUN is a run id or a run name (a training run is named
-after its config's `name`); a name shared by several runs means the newest, and the output says so.
+after its config's `name`); a name that several training runs share is refused, listing their ids.
 
 The MLflow store is the config's `mlflow.tracking_uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
 (relative to $SIMBA_TTM_ROOT when set). Only MLflow is read: no model is loaded, nothing needs a GPU.
@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from configs import ConfigError, load_config
-from pipelines.paths import SQLITE, check_job_paths, resolve_path
+from pipelines.paths import check_job_paths, check_store_exists, resolve_path
 from ray_jobs.common import fail
 
 PROG = "simba-ttm figure3"
@@ -45,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.train.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg)
-    if uri.startswith(SQLITE) and not Path(uri.removeprefix(SQLITE)).is_file():
-        # MLflow would create an empty store there and then find no runs: name the setting instead.
-        return fail(PROG, f"no MLflow store at {uri}: set mlflow.tracking_uri in --config, or $MLFLOW_TRACKING_URI")
+    try:
+        check_store_exists(uri)
+    except FileNotFoundError as err:
+        return fail(PROG, err)
     client = MlflowClient(tracking_uri=uri)
     try:
         runs, notes = find_runs(client, args.runs)

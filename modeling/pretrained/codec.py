@@ -54,15 +54,19 @@ def load_codec(path_or_id: str | Path = "44khz", device: str | torch.device = "c
     """
     import dac  # here: dac takes seconds to import (see the module docstring)
 
-    path = weights_file(
+    model = dac.DAC.load(str(codec_file(path_or_id, setting)))
+    return model.to(device).eval()
+
+
+def codec_file(path_or_id: str | Path, setting: str = "preprocess.codec") -> Path:
+    """The weights file `load_codec` would load, without loading it; MissingWeightsError naming `setting` if absent."""
+    return weights_file(
         path_or_id,
         "DAC weights",
         setting,
         "path to a .pth saved by dac",
         cached=lambda spec: dac_cache_path(spec) if spec.split("_", 1)[0].lower() in DAC_IDS else None,
     )
-    model = dac.DAC.load(str(path))
-    return model.to(device).eval()
 
 
 def encode_codes(model: dac.DAC, audio: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,11 +77,15 @@ def _atomic_save(payload: dict, final: Path) -> Path:
 
 
 def _load(file: Path, mmap: bool = False) -> dict:
+    if not zipfile.is_zipfile(file):  # torch.save writes a zip archive; anything else would fail less clearly
+        raise ValueError(f"{file} is not a simba-ttm checkpoint (not a file torch.save wrote)")
     try:
         data = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # weights_only refuses anything but tensors and plain containers: this file holds code objects.
         raise ValueError(f"{file}: refusing to load, it holds more than tensors and plain values:\n{e}") from e
+    except RuntimeError as e:  # a zip archive, but not one torch.save wrote, or a damaged one
+        raise ValueError(f"{file} is not a simba-ttm checkpoint (torch cannot read it: {e})") from e
     if not isinstance(data, dict) or not {"format", "model", "config", "step"} <= data.keys():
         raise ValueError(f"{file} is not a simba-ttm checkpoint (expected keys format, model, config, step)")
     if data["format"] != FORMAT:

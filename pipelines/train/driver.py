@@ -8,6 +8,7 @@ crashed worker group from the latest checkpoint. Each worker reads the token spl
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +45,28 @@ def check_before_ray(cfg: ExperimentConfig) -> tuple[int, int]:
             f"the training split has {n_train} rows, fewer than train.batch_size x workers = {need}: "
             "preprocess more data or lower train.batch_size"
         )
-    if cfg.train.eval_every > 0 and not any(Path(cfg.eval.set_dir).glob(PART_GLOB)):
+    if cfg.train.eval_every > 0:
+        check_periodic_evaluation(cfg)
+    return n_train, n_val
+
+
+def check_periodic_evaluation(cfg: ExperimentConfig) -> None:
+    """What `train.eval_every` needs, checked before the workers start: the eval set, settings it can be scored
+    with, and the scoring models' weights (ConfigError or MissingWeightsError naming the setting)."""
+    from eval.evaluate import check_evalset
+    from eval.scoring import check_weights
+    from pipelines.preprocess.evalset import read_evalset
+
+    if not any(Path(cfg.eval.set_dir).glob(PART_GLOB)):
         raise ConfigError(
             f"train.eval_every={cfg.train.eval_every} evaluates on the eval set, but {cfg.eval.set_dir} holds none: "
             "write it with `simba-ttm make-evalset --config FILE`, point eval.set_dir at one, or set train.eval_every=0"
         )
-    return n_train, n_val
+    try:
+        check_evalset(cfg.eval, read_evalset(cfg.eval.set_dir, cfg.eval.limit), cfg.eval.set_dir)
+    except ValueError as err:
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every}: {err}") from err
+    check_weights(cfg.eval)
 
 
 def run_training(cfg: ExperimentConfig, *, local_mode: bool = False) -> TrainingOutcome:
@@ -70,6 +87,9 @@ def run_training(cfg: ExperimentConfig, *, local_mode: bool = False) -> Training
         raise ConfigError("train.use_gpu is true but the Ray cluster has no GPU; set train.use_gpu=false for CPUs")
 
     uri = resolve_tracking_uri(cfg)
+    # The store as resolved here goes into config.yaml and every checkpoint: `simba-ttm evaluate` finds the run
+    # from anywhere, rather than resolving an unset or relative URI against its own working directory.
+    cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=uri))
     storage = cfg.train.storage_path
     Path(storage).mkdir(parents=True, exist_ok=True)
     run_dir = Path(storage) / cfg.name

@@ -22,6 +22,7 @@ from pipelines.paths import absolute_tracking_uri
 
 NAME_TAG = "simba_ttm.name"
 STORAGE_TAG = "simba_ttm.storage"
+SUPERSEDED_TAG = "simba_ttm.superseded_by"  # on a run whose folder was deleted and trained anew
 
 
 def resolve_tracking_uri(cfg: ExperimentConfig) -> str:
@@ -98,7 +99,7 @@ def start_or_resume_run(
     run = client.create_run(exp_id, run_name=cfg.name, tags={NAME_TAG: cfg.name, STORAGE_TAG: storage, **(tags or {})})
     run_id = run.info.run_id
     if found:
-        client.set_tag(found.info.run_id, "simba_ttm.superseded_by", run_id)
+        client.set_tag(found.info.run_id, SUPERSEDED_TAG, run_id)
     params = {k: str(v)[:6000] for k, v in cfg.flatten().items()} | environment_params()
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):

@@ -108,7 +108,7 @@ def test_codebooks_job_writes_and_logs_k_1_to_9(tiny_pretrained, tiny_eval, tiny
 def test_codebooks_job_errors_clearly(tiny_pretrained, tiny_eval, tiny_evalset, tmp_path, capsys):
     base = ["--config", "debug", f"preprocess.codec={tiny_pretrained['codec']}", f"eval.clap={tiny_eval['clap']}",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "--out", str(tmp_path / "out")]  # fmt: skip
-    assert job.main([*base, "--evalset", str(tmp_path / "nowhere")]) == 2
+    assert job.main([*base[2:], "--evalset", str(tmp_path / "nowhere")]) == 2  # --config is optional (defaults)
     assert "make-evalset" in capsys.readouterr().err
     assert job.main([*base, "--evalset", str(tiny_evalset), "--limit", "1"]) == 2  # one clip: no CLAP covariance
     assert "at least 2 distinct reference clips" in capsys.readouterr().err

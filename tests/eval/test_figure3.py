@@ -97,21 +97,31 @@ def test_figure3_plots_exactly_the_logged_histories(store, monkeypatch, capsys, 
     assert comparison.info.run_id in printed.out and str(out / job.PNG) in printed.out
 
 
-def test_an_ambiguous_name_takes_the_newest_run_and_says_so(store, monkeypatch, capsys, tmp_path):
+def test_a_name_means_one_training_run_or_is_refused(store, monkeypatch, capsys, tmp_path):
     uri, _, _ = store
     client = MlflowClient(uri)
-    cfg = load_config("debug", ["name=twice", f"mlflow.tracking_uri={uri}"])
-    older = start_or_resume_run(cfg, str(tmp_path / "runs" / "a"), uri)
-    time.sleep(0.01)  # start times in ms: let them differ
-    newer = start_or_resume_run(cfg, str(tmp_path / "runs" / "b"), uri)  # the same name, another storage folder
-    for run_id in (older, newer):
-        client.log_batch(run_id, metrics=[Metric("train_loss", 1.0, int(time.time() * 1000), 1)])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = load_config("debug", ["name=twice", f"mlflow.tracking_uri={uri}"])
+    first = start_or_resume_run(cfg, str(tmp_path / "runs" / "a"), uri)
+    time.sleep(0.01)  # start times in ms: let them differ
+    # The folder deleted and trained anew: the first run is superseded, the name means the new one.
+    again = start_or_resume_run(cfg, str(tmp_path / "runs" / "a"), uri, resume=False)
+    # A run of another tool, with the same name, in another experiment: not a training run.
+    other = client.create_run(client.create_experiment("elsewhere"), run_name="twice").info.run_id
+    for run_id in (first, again, other):
+        client.log_batch(run_id, metrics=[Metric("train_loss", 1.0, int(time.time() * 1000), 1)])
     assert job.main(["--runs", "twice", "--out", str(tmp_path / "fig")]) == 0
-    err = capsys.readouterr().err
-    assert "matches 2 runs" in err and f"newest, twice ({newer}" in err and older in err
     rows = list(csv.DictReader((tmp_path / "fig" / job.CSV).open()))
-    assert {r["run_id"] for r in rows} == {newer}
+    assert {r["run_id"] for r in rows} == {again}
+
+    # The same config trained into another storage folder: two training runs by that name, refused.
+    time.sleep(0.01)
+    newer = start_or_resume_run(cfg, str(tmp_path / "runs" / "b"), uri)
+    assert job.main(["--runs", "twice", "--out", str(tmp_path / "fig2")]) == 2
+    err = capsys.readouterr().err
+    assert "names 2 runs" in err and again in err and newer in err and first not in err and other not in err
+    assert not (tmp_path / "fig2").exists()
+    assert job.main(["--runs", newer, "--out", str(tmp_path / "fig2")]) == 0  # an id chooses
 
 
 def test_an_unknown_run_is_a_clear_error(store, monkeypatch, capsys, tmp_path):
