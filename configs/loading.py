@@ -87,7 +87,20 @@ def _load_node(path: str | Path, _children: tuple[Path, ...] = ()) -> DictConfig
     return node
 
 
+# Mappings that a file over its base, or an override, replaces whole instead of merging into (lists are always
+# replaced): a search space names the dimensions to search, and a merged one would keep every dimension of the base.
+REPLACED_WHOLE = ("tune.space",)
+_ABSENT = object()
+
+
 def _merge(base: DictConfig, over: DictConfig, where: object) -> DictConfig:
+    for key in REPLACED_WHOLE:
+        if OmegaConf.select(over, key, default=_ABSENT) is not _ABSENT:
+            section, _, leaf = key.rpartition(".")
+            parent = OmegaConf.select(base, section, default=None)
+            if isinstance(parent, DictConfig) and leaf in parent:
+                base = base.copy()  # shallow: the section below is replaced, not edited in place
+                base[section] = {k: v for k, v in OmegaConf.to_container(parent).items() if k != leaf}
     try:
         return OmegaConf.merge(base, over)
     except OmegaConfBaseException as e:

@@ -42,6 +42,7 @@ from configs.validation import (
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DAC_N_CODEBOOKS = 9  # DAC 44.1 kHz: 9 residual codebooks of 1024 entries
+DAC_CODEBOOK_SIZE = 1024  # codes per DAC codebook (every DAC model): token ids 0..1023
 DAC_FRAME_RATE = 44100 / 512  # hop 512 at 44.1 kHz -> 86.1328125 frames/s
 
 
@@ -94,7 +95,11 @@ class ModelConfig(Section):
             "chunk_size",
         ):
             self._require(name, getattr(self, name) > 0, "> 0")
-        self._require("vocab_size", self.vocab_size >= 2, ">= 2 (codes + the BOS/pad id)")
+        self._require(
+            "vocab_size",
+            self.vocab_size >= DAC_CODEBOOK_SIZE + 1,
+            f">= {DAC_CODEBOOK_SIZE + 1} (DAC's {DAC_CODEBOOK_SIZE} codes + the BOS/pad id, the last)",
+        )
         self._require("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)")
         self._require("cond_dropout", 0.0 <= self.cond_dropout < 1.0, "in [0, 1)")
         self._require("norm_eps", self.norm_eps > 0.0, "> 0")
@@ -246,7 +251,7 @@ class TrainConfig(Section):
     use_gpu: Bool = True
     checkpoint_every: Int = 500  # optimizer steps
     keep_checkpoints: Int = 3
-    val_every: Int = 500  # optimizer steps; 0 disables
+    val_every: Int = 500  # optimizer steps; also at every checkpoint (its report carries val_loss); 0 disables
     generate_every: Int = 5000  # optimizer steps; 0 disables
     max_nonfinite_steps: Int = 10  # consecutive skipped steps with a non-finite loss before the run fails
     max_failures: Int = 2  # Ray Train restarts a crashed worker group this often (from the last checkpoint)

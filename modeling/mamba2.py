@@ -47,6 +47,7 @@ try:
 except Exception:
     causal_conv1d_fn, causal_conv1d_update = None, None
 
+CAUSAL_CONV1D_WIDTHS = (2, 3, 4)  # the conv widths causal_conv1d's kernels take; others use the PyTorch conv
 _warned_no_fast_path = False
 
 
@@ -394,7 +395,7 @@ class Mamba2(nn.Module):
                 # F.pad left-pads with zeros when there are fewer than d_conv columns, and crops otherwise.
                 final_conv_state = F.pad(xBC_t, (self.d_conv - xBC_t.shape[-1], 0)).to(conv_dtype)  # (B, D, W)
 
-            if fast and causal_conv1d_fn is not None:
+            if fast and causal_conv1d_fn is not None and self.d_conv in CAUSAL_CONV1D_WIDTHS:
                 weight = rearrange(self.conv1d.weight, "d 1 w -> d w")  # (conv_dim, d_conv)
                 xBC_t = causal_conv1d_fn(xBC_t, weight, bias=self.conv1d.bias, activation="silu")[..., -seqlen:]
             else:
@@ -474,7 +475,7 @@ class Mamba2(nn.Module):
         cdtype = torch.promote_types(zxbcdt.dtype, torch.float32)
 
         with torch.autocast(device_type=u.device.type, enabled=False):
-            if fast and causal_conv1d_update is not None:
+            if fast and causal_conv1d_update is not None and self.d_conv in CAUSAL_CONV1D_WIDTHS:
                 weight = rearrange(self.conv1d.weight, "d 1 w -> d w")  # (conv_dim, d_conv)
                 xBC = causal_conv1d_update(xBC.to(conv_state.dtype), conv_state, weight, self.conv1d.bias, "silu")
             else:

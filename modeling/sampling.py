@@ -47,6 +47,9 @@ def sample_next(
     logits = logits.float()
     if temperature <= 0:
         return logits.argmax(-1)
+    # Shifted to a maximum of 0 before dividing: a tiny temperature then sends the others to -inf (greedy in the
+    # limit) instead of overflowing to inf and NaN probabilities. softmax subtracts the maximum anyway.
+    logits = logits - logits.amax(-1, keepdim=True)
     logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -42,7 +42,15 @@ def main(argv: list[str] | None = None) -> int:
         ("experiment", cfg.name),
         ("architecture", s.arch + hybrid),
         ("parameters", f"{s.params:,} ({s.params / 1e6:.1f}M)"),
-        ("sequence length", f"{s.seq_len} tokens (text prefix {args.text_len} counted for SiMBA)"),
+        (
+            "sequence length",
+            f"{s.seq_len} tokens"
+            + (
+                f" (text prefix {args.text_len} included)"
+                if s.arch == "simba"
+                else " (the caption enters through cross-attention)"
+            ),
+        ),
         ("FLOPs/token forward", f"{s.flops_per_token_forward / 1e9:.3f} GFLOP"),
         ("FLOPs/token train", f"{s.flops_per_token_train / 1e9:.3f} GFLOP (3x forward)"),
         ("train memory (est.)", f"{_gib(s.train_memory_bytes_estimate)} at micro-batch {t.batch_size}" + kernels),

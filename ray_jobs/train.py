@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.train.driver import check_before_ray, run_training
 
     try:
-        check_before_ray(cfg)  # data present and large enough, before Ray starts
+        check_before_ray(cfg, local_mode=args.local_mode)  # data present, a run folder that can continue
     except USAGE_ERRORS as err:
         return fail(PROG, err)
     ensure_ray(args.address)

@@ -229,6 +229,17 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     return bool(_local_checkpoints(run_dir))
 
 
+def checkpoint_steps(run_dir: str | Path) -> tuple[int | None, int | None]:
+    """(the last step of Ray Train's registered checkpoints, of the complete local-mode ones); None where none."""
+    try:
+        results = json.loads((Path(run_dir) / RAY_TRAIN_SNAPSHOT).read_text()).get("checkpoint_results") or []
+        ray_step = max((int(r["metrics"]["step"]) for r in results), default=None)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        ray_step = None
+    local = _local_checkpoints(run_dir)
+    return ray_step, (int(local[-1].name.removeprefix(LOCAL_CHECKPOINT_PREFIX)) if local else None)
+
+
 def latest_local_checkpoint(run_dir: str | Path | None):
     """The newest complete local-mode checkpoint of `run_dir` as a `ray.train.Checkpoint`, or None."""
     import ray.train

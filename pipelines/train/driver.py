@@ -1,6 +1,7 @@
 """The training driver: checks, the MLflow run, and Ray Train's TorchTrainer around `train_loop_per_worker`.
 
-`check_before_ray` answers what can be known without Ray (data present, enough rows); `run_training` resolves
+`check_before_ray` answers what can be known without Ray (data present, enough rows, a run folder whose
+checkpoints these settings can continue); `run_training` resolves
 paths, finds or creates the MLflow run (a restart continues it) and fits the TorchTrainer, which restarts a
 crashed worker group from the latest checkpoint. Each worker reads the token splits itself
 (`dataset.TokenSplit`), so the data order is a function of the seed and the position alone.
@@ -35,8 +36,9 @@ class TrainingOutcome:
     config: ExperimentConfig
 
 
-def check_before_ray(cfg: ExperimentConfig) -> tuple[int, int]:
-    """Everything that can be checked without Ray: data present, enough rows. Returns (train, val) rows."""
+def check_before_ray(cfg: ExperimentConfig, local_mode: bool = False) -> tuple[int, int]:
+    """Everything that can be checked without Ray: data present, enough rows, training's own evaluation, and that a
+    run folder with checkpoints can be continued (`check_resumable`). Returns (train, val) rows."""
     token_files(cfg.data.tokens_dir)
     n_train, n_val = count_split(cfg.data.tokens_dir, "train"), count_split(cfg.data.tokens_dir, "val")
     need = cfg.train.batch_size * max(cfg.train.num_workers, 1)
@@ -47,6 +49,9 @@ def check_before_ray(cfg: ExperimentConfig) -> tuple[int, int]:
         )
     if cfg.train.eval_every > 0:
         check_periodic_evaluation(cfg)
+    run_dir = Path(cfg.train.storage_path) / cfg.name
+    if has_checkpoint(run_dir):
+        check_resumable(cfg, run_dir, local_mode)
     return n_train, n_val
 
 
@@ -69,6 +74,46 @@ def check_periodic_evaluation(cfg: ExperimentConfig) -> None:
     check_weights(cfg.eval)
 
 
+# What a training continued from its run folder's checkpoint may change: how long it runs, how often it checkpoints,
+# validates, samples and evaluates, where it runs (precision, GPU) and EMA (switched on or off at the resume). Any
+# other train, model or data setting changes what the checkpoint's weights, optimizer state or data position mean.
+RESUMABLE_CHANGES = {f"train.{k}" for k in (
+    "max_steps", "checkpoint_every", "keep_checkpoints", "val_every", "generate_every", "max_nonfinite_steps",
+    "max_failures", "log_every", "peak_tflops", "eval_every", "eval_checkpoint_every", "use_gpu", "precision",
+    "ema_decay", "storage_path",
+)} | {"data.tokens_dir"}  # fmt: skip
+CHECKED_SECTIONS = ("model.", "data.", "train.")
+
+
+def check_resumable(cfg: ExperimentConfig, run_dir: Path, local_mode: bool) -> None:
+    """Refuse to continue `run_dir` (which holds checkpoints) with settings its checkpoints cannot continue, or from
+    an older checkpoint than the newest (which would log its steps to MLflow a second time)."""
+    from configs import load_config
+    from pipelines.train.checkpoints import checkpoint_steps
+
+    saved_file = run_dir / "config.yaml"
+    if saved_file.is_file():
+        saved, new = load_config(saved_file).flatten(), cfg.flatten()
+        changed = [
+            f"{k}: {saved.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(saved.keys() | new.keys())
+            if k.startswith(CHECKED_SECTIONS) and k not in RESUMABLE_CHANGES and saved.get(k) != new.get(k)
+        ]
+        if changed:
+            raise ConfigError(
+                f"{run_dir} continues from its checkpoints, which were trained with other settings:\n  "
+                + "\n  ".join(changed)
+                + f"\ntrain with the settings in {saved_file}, or under a new name (name=...) to start a new run"
+            )
+    ray_step, local_step = checkpoint_steps(run_dir)
+    if not local_mode and local_step is not None and (ray_step is None or local_step > ray_step):
+        since = f"Ray Train's last checkpoint, step {ray_step}" if ray_step is not None else "step 0"
+        raise ConfigError(
+            f"{run_dir} was trained in local mode (--local-mode) up to step {local_step}; Ray Train would continue "
+            f"from {since} and log those steps again: continue with --local-mode, or train under a new name"
+        )
+
+
 def run_training(cfg: ExperimentConfig, *, local_mode: bool = False) -> TrainingOutcome:
     """Train `cfg` on the connected Ray cluster (a local one when none).
 
@@ -77,7 +122,7 @@ def run_training(cfg: ExperimentConfig, *, local_mode: bool = False) -> Training
     (`checkpoint_local_<step>`) and a local-mode run started again continues from the latest.
     """
     cfg = absolute_paths(cfg)
-    n_train, n_val = check_before_ray(cfg)
+    n_train, n_val = check_before_ray(cfg, local_mode=local_mode)
     if n_val == 0 and cfg.train.val_every > 0:
         print("note: the validation split is empty; validation is skipped (raise data.val_fraction)", file=sys.stderr)
         cfg = ExperimentConfig.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "val_every": 0}})

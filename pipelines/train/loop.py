@@ -29,12 +29,14 @@ from modeling.builders import build_model
 from pipelines.train.checkpoints import (
     BEST_DIR,
     LOCAL_CHECKPOINT_PREFIX,
+    MODEL_FILE,
     TrainState,
     latest_local_checkpoint,
     load_checkpoint,
     prune_local_checkpoints,
     save_checkpoint,
     save_model,
+    saved_step,
 )
 from pipelines.train.dataset import EpochBatches, TokenSplit, collate, describe_splits
 from pipelines.train.distributed import replica_spread, shard_overlap
@@ -112,8 +114,10 @@ class TrainRecipe:
         self.run_dir = Path(self.config["run_dir"]) if self.config.get("run_dir") else None
         self.local_mode = bool(self.config.get("local_mode"))
         checkpoint = self.session.get_checkpoint()
-        if checkpoint is None and self.local_mode:  # Ray Train does not keep local-mode checkpoints: we do
-            checkpoint = latest_local_checkpoint(self.run_dir)
+        if self.local_mode:  # Ray Train does not keep local-mode checkpoints, we do: the newer one continues
+            local = latest_local_checkpoint(self.run_dir)
+            if local is not None and (checkpoint is None or _saved_step(local) > _saved_step(checkpoint)):
+                checkpoint = local
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 self.state = load_checkpoint(Path(d), self.raw, self.opt, self.sched, self.ema)
@@ -184,6 +188,7 @@ class TrainRecipe:
                 # --- one optimizer step: the per-token mean over all micro-batches and workers
                 step = stats.reduced(device)
                 scale_to_token_mean(raw.parameters(), step, world)
+                lr = sched.get_last_lr()[0]  # what this step uses: clip_and_step advances the schedule
                 grad_norm = clip_and_step(raw.parameters(), opt, sched, t.grad_clip, skip=step.nonfinite)
                 if grad_norm is None:
                     self._skip_nonfinite_step()
@@ -197,7 +202,7 @@ class TrainRecipe:
                     tokens_per_s = step.tokens / max(elapsed, 1e-9)  # over all workers
                     metrics = {
                         "train_loss": step.mean_loss,  # over all workers
-                        "lr": sched.get_last_lr()[0],
+                        "lr": lr,
                         "grad_norm": grad_norm,
                         "tokens_per_s": tokens_per_s,
                         "mfu": self.progress.mfu(tokens_per_s),
@@ -234,7 +239,10 @@ class TrainRecipe:
         """Validate (keeping the best model), generate samples and checkpoint when their intervals say so; report
         the step's metrics; print the progress line."""
         t, state = self.cfg.train, self.state
-        if self.val_batches is not None and state.step % t.val_every == 0:
+        save = state.step % t.checkpoint_every == 0 or state.step == t.max_steps
+        # Every checkpoint carries the validation loss of its weights: a Tune scheduler or searcher deciding on
+        # val_loss gets it with each report, whether or not train.val_every divides the checkpoint steps.
+        if self.val_batches is not None and (state.step % t.val_every == 0 or save):
             with self._handed_out() as model, self.timed("validation"):
                 metrics["val_loss"] = validate(model, self.val_batches, self.device, self.amp)
                 if metrics["val_loss"] < state.best_val_loss:  # the same value on every worker (all-reduced)
@@ -256,7 +264,6 @@ class TrainRecipe:
                     )
         if self.rank == 0 and (state.step % t.log_every == 0 or state.step == t.max_steps):
             say(self.progress.line(state.step, metrics))
-        save = state.step % t.checkpoint_every == 0 or state.step == t.max_steps
         self._report(metrics, save)
 
     def _report(self, metrics: dict, save: bool) -> None:
@@ -301,3 +308,9 @@ class TrainRecipe:
     def cleanup(self) -> None:
         if self.logger is not None:
             self.logger.finish()
+
+
+def _saved_step(checkpoint) -> int:
+    """The optimizer step a `ray.train.Checkpoint` of this loop was saved at."""
+    with checkpoint.as_directory() as d:
+        return saved_step(Path(d) / MODEL_FILE)

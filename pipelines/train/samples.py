@@ -21,7 +21,9 @@ class SampleWriter:
         p = cfg.preprocess
         self.cfg = cfg
         self.device = device
-        self.text_encoder = TextEncoder(p.text_encoder, device=device, setting="preprocess.text_encoder")
+        self.text_encoder = TextEncoder(
+            p.text_encoder, device=device, max_length=p.text_max_length, setting="preprocess.text_encoder"
+        )
         self.codec = load_codec(p.codec, device=device, setting="preprocess.codec")
 
     def __call__(self, model: TextToMusicLM, step: int, logger: RunLogger | None) -> None:

@@ -202,7 +202,9 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepOutcome:
     path = sweep_dir(cfg)
     path.mkdir(parents=True, exist_ok=True)
     resolved = cfg.dump_yaml(path / "config.yaml")
-    parent = start_or_resume_run(cfg, str(path), uri, config_yaml=resolved, tags={"simba_ttm.kind": "sweep"})
+    # Not resuming, the folder held no sweep (check_sweep): a new parent run, as a training in a deleted folder gets.
+    tags = {"simba_ttm.kind": "sweep"}
+    parent = start_or_resume_run(cfg, str(path), uri, config_yaml=resolved, tags=tags, resume=resume)
     logger = RunLogger(parent, uri)
     if not resume:
         _log_search(logger, cfg)

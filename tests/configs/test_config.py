@@ -317,7 +317,10 @@ def test_n_frames():
 
 def test_pad_id():
     assert ModelConfig().pad_id == 1024
-    assert ModelConfig(vocab_size=17).pad_id == 16
+    assert ModelConfig(vocab_size=1030).pad_id == 1029
+    for too_small in (1024, 17):  # code 1023 would be the pad id, or codes past the embedding
+        with pytest.raises(ConfigError, match="model.vocab_size must be >= 1025"):
+            ModelConfig(vocab_size=too_small)
 
 
 def test_tracking_uri_resolution(monkeypatch):
@@ -426,6 +429,9 @@ def test_info_prints_the_resolved_config_and_rejects_bad_keys(capsys):
     assert printed["mlflow"] == load_config("paper").to_dict()["mlflow"]  # inherited, written out in full
     assert info.main(["--config", "small", "model.d_stat=3"]) == 2
     assert "did you mean 'model.d_state'?" in capsys.readouterr().err
+    for arch, says in (("simba", "(text prefix 64 included)"), ("transformer", "enters through cross-attention")):
+        assert info.main(["--config", "debug", f"model.arch={arch}"]) == 0
+        assert says in next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("sequence length"))
 
 
 def test_interpolation_resolves_against_the_final_config(tmp_path):
@@ -449,6 +455,19 @@ def test_tune_yaml_searches_the_papers_three():
     debug = load_config("tune_debug")
     assert debug.tune.resources_per_trial["gpu"] == 0.0 and not debug.train.use_gpu
     assert debug.model.d_model == load_config("debug").model.d_model
+
+
+def test_a_search_space_is_replaced_whole_not_merged(tmp_path):
+    """An override or a derived file that sets tune.space searches only its dimensions (merged, the base's would
+    stay); other tune keys still merge."""
+    only_lr = {"train.lr": ["loguniform", 1e-4, 1e-3]}
+    assert load_config("tune", ["tune.space={train.lr: [loguniform, 1e-4, 1e-3]}"]).tune.space == only_lr
+    child = tmp_path / "lr_only.yaml"
+    child.write_text("base: tune\ntune:\n  space:\n    train.lr: [loguniform, 1.0e-4, 1.0e-3]\n  num_samples: 3\n")
+    cfg = load_config(child)
+    assert cfg.tune.space == only_lr and cfg.tune.num_samples == 3
+    assert cfg.tune.resources_per_trial == load_config("tune").tune.resources_per_trial  # merged as before
+    assert len(load_config(child, ["tune.num_samples=5"]).tune.space) == 1  # an override elsewhere keeps it
 
 
 SPACE = "tune.space={model.dropout: [uniform, 0.1, 0.4], train.lr: [loguniform, 3.0e-4, 3.0e-3]}"

@@ -262,7 +262,7 @@ def test_training_checks_its_own_evaluation_before_ray(trained, tmp_path):
     _, run_dir = trained
     cfg = saved_config(run_dir / EVAL_CHECKPOINT_DIR / "step_000010" / "model.pt")
     d = cfg.to_dict()
-    assert check_before_ray(cfg)  # as trained: fine
+    assert check_before_ray(cfg, local_mode=True)  # as trained: fine
     bad = {
         "longer than the reference clips": (ConfigError, ["eval.seconds=60"]),
         "needs at least 2 clips": (ConfigError, ["eval.limit=1"]),
@@ -270,4 +270,4 @@ def test_training_checks_its_own_evaluation_before_ray(trained, tmp_path):
     }
     for message, (error, overrides) in bad.items():
         with pytest.raises(error, match=message):
-            check_before_ray(ExperimentConfig.from_dict(apply_overrides(d, overrides)))
+            check_before_ray(ExperimentConfig.from_dict(apply_overrides(d, overrides)), local_mode=True)

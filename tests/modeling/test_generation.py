@@ -121,6 +121,17 @@ def test_top_k_one_is_greedy():
     assert torch.equal(sample_next(logits, top_k=1, generator=g), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("temperature", [1e-39, 1e-12])
+def test_a_tiny_temperature_samples_the_argmax(temperature):
+    """Dividing by 1e-39 overflows float32 logits to inf (NaN probabilities) unless they are shifted first."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 1025) * 5
+    logits[:, -1] = float("-inf")  # the pad id, as generation masks it
+    for top_k, top_p in ((0, 0.0), (50, 0.0), (0, 0.9)):
+        got = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=g)
+        assert torch.equal(got, logits.argmax(-1)), (top_k, top_p)
+
+
 @pytest.mark.parametrize("temperature", [0.7, 1.3])
 def test_sampling_frequencies_follow_softmax(temperature):
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20000, 1)

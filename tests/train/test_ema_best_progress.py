@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from configs import ExperimentConfig, apply_overrides
+from configs import ConfigError, ExperimentConfig, apply_overrides
 from pipelines.train.checkpoints import BEST_DIR, find_checkpoint, load_model
 from pipelines.train.driver import run_training
 from pipelines.train.ema import EMA
@@ -87,6 +87,17 @@ def test_ema_best_checkpoint_progress_and_a_local_mode_resume(preprocessed, ray_
     for k in trained:
         torch.testing.assert_close(again_trained[k], trained[k], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(again[k], handed_out[k], rtol=1e-6, atol=1e-7)
+
+    # Continuing needs settings the checkpoints can continue (more steps are fine, another lr or size is not), and
+    # the mode that wrote the newest checkpoint: Ray Train would start over and log steps 1-8 again.
+    for changed, key in (("train.lr=1e-2", "train.lr: 0.003 -> 0.01"), ("model.d_model=96", "model.d_model: ")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            run_training(ExperimentConfig.from_dict(apply_overrides(cfg.to_dict(), [changed])), local_mode=True)
+    with pytest.raises(ConfigError, match="trained in local mode .* up to step 8"):
+        run_training(cfg)
+    longer = ExperimentConfig.from_dict(apply_overrides(cfg.to_dict(), ["train.max_steps=9"]))
+    assert run_training(longer, local_mode=True).run_id == out.run_id
+    assert max(m.step for m in client.get_metric_history(out.run_id, "lr")) == 9
 
 
 def test_the_progress_line_reads_well():

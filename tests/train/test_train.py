@@ -88,6 +88,11 @@ def test_debug_run_learns_and_logs_to_mlflow(preprocessed, ray_session, tmp_path
     assert np.mean(loss[-5:]) < np.mean(loss[:5]) - 0.5, loss
     for key in ("lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_memory_bytes"):
         assert len(_metric(client, out.run_id, key)) == 30, key
+    t = cfg.train  # the lr logged at step s is the one step s used: lr_factor(s - 1), warming up from step 1
+    schedule = dict(warmup_steps=t.warmup_steps, max_steps=t.max_steps, min_lr_ratio=t.min_lr_ratio)
+    assert [v for _, v in _metric(client, out.run_id, "lr")] == pytest.approx(
+        [t.lr * lr_factor(s - 1, **schedule) for s in range(1, 31)]
+    )
     assert [s for s, _ in _metric(client, out.run_id, "val_loss")] == [10, 20, 30]
     assert run.data.params["model.arch"] == "simba" and run.data.params["train.lr"] == "0.003"
     assert "env.torch" in run.data.params
@@ -261,3 +266,13 @@ def test_a_nan_loss_on_one_ddp_worker_skips_the_step_on_both(preprocessed, ray_s
     assert skipped[-1] >= 1, "the NaN clip was never met: the test lost its point"
     spread = client.get_metric_history(out.run_id, "replica_param_spread")
     assert [(m.step, m.value) for m in spread] == [(6, 0.0), (12, 0.0)]
+
+
+def test_training_samples_truncate_prompts_as_preprocessing_did(preprocessed):
+    """The prompts of training's samples are encoded with preprocessing's caption length limit."""
+    from pipelines.train.samples import SampleWriter
+
+    cfg = ExperimentConfig.from_dict(apply_overrides(preprocessed[0].to_dict(), ["preprocess.text_max_length=6"]))
+    writer = SampleWriter(cfg, torch.device("cpu"))
+    _, lengths = writer.text_encoder(["a calm piano piece with soft strings and a slow, relaxing mood " * 4])
+    assert lengths.tolist() == [6]

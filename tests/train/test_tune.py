@@ -26,7 +26,8 @@ def _sweep_cfg(preprocessed, tmp_path: Path, *overrides: str) -> ExperimentConfi
     d = base.to_dict()
     d["name"] = "sweep"
     d["train"].update(storage_path=str(tmp_path / "runs"), max_steps=12, warmup_steps=2, checkpoint_every=4)
-    d["train"].update(val_every=2, generate_every=0, batch_size=2)
+    # val_every does not divide the checkpoint steps (4, 8, 12): the reports at 4 and 8 still carry val_loss
+    d["train"].update(val_every=3, generate_every=0, batch_size=2)
     d["data"]["max_frames"] = 64
     d["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     d["tune"].update(num_samples=1, max_concurrent_trials=2, grace_period=4, reduction_factor=2.0)
@@ -112,6 +113,17 @@ def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(preprocessed, ray_se
     assert run.info.status == "FAILED" and "non-finite" in run.data.tags["simba_ttm.error"]
     assert "error.txt" in {f.path for f in client.list_artifacts(failed.run_id)}
     assert load_config(out.path / BEST_YAML).train.lr == 3e-3
+
+    # The sweep's folder deleted, a sweep of that name searches anew: a new parent run (with its own space), the
+    # old one marked superseded; its trials stay under the old parent.
+    import shutil
+
+    shutil.rmtree(out.path)
+    only = ExperimentConfig.from_dict(apply_overrides(cfg.to_dict(), ["tune.space={train.lr: [grid, 2.0e-3]}"]))
+    again = run_sweep(only)
+    assert again.parent_run_id != out.parent_run_id and [r.params["train.lr"] for r in again.rows] == [2e-3]
+    assert client.get_run(out.parent_run_id).data.tags["simba_ttm.superseded_by"] == again.parent_run_id
+    assert client.get_run(again.parent_run_id).data.params["sweep.space.train.lr"].startswith("grid")
 
 
 @pytest.mark.parametrize(
