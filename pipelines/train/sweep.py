@@ -62,12 +62,18 @@ def _plain(value: Any) -> Any:
 
 
 def trial_config(experiment: dict, params: dict[str, Any], name: str) -> ExperimentConfig:
-    """The sweep's config with a trial's sampled values put in, under the trial's name."""
+    """The sweep's config with a trial's sampled values put in, under the trial's name.
+
+    A trial trains on one worker (one process, Tune's resources): `train.num_workers` folds into
+    `train.grad_accum`, so the trial steps with the effective batch that `best.yaml`, trained, will use.
+    """
     d = copy.deepcopy(experiment)
     for key, value in params.items():
         section, field = key.split(".")
         d[section][field] = _plain(value)
     d["name"] = name
+    t = d["train"]
+    t["grad_accum"], t["num_workers"] = t["grad_accum"] * t["num_workers"], 1
     return ExperimentConfig.from_dict(d)
 
 

@@ -220,3 +220,13 @@ def test_tune_seed_repeats_the_random_draws():
         return [searcher.next_trial().config for _ in range(3)]
 
     assert draws(0) == draws(0) and draws(0) != draws(1)
+
+
+def test_a_trial_trains_on_one_worker_with_the_sweeps_effective_batch():
+    """Tune gives a trial one process: train.num_workers folds into grad_accum (best.yaml keeps both as given)."""
+    from pipelines.train.sweep import trial_config
+
+    base = load_config("tune_debug", ["train.num_workers=4", "train.grad_accum=2", "train.batch_size=3"])
+    trial = trial_config(base.to_dict(), {"train.lr": 1e-3}, "t")
+    assert (trial.train.num_workers, trial.train.grad_accum, trial.train.lr) == (1, 8, 1e-3)
+    assert trial.train.effective_batch_size == base.train.effective_batch_size == 24
