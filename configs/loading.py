@@ -16,7 +16,7 @@ Lists are replaced, not appended (`model.attn_layers: [3]` over `[1, 2]` is `[3]
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +154,22 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     node = _load_node(path) if path is not None else OmegaConf.create({})
     node = _apply(node, overrides, ExperimentConfig)
     return ExperimentConfig.from_dict(_plain_container(node, path or "overrides"))
+
+
+def changes(
+    old: Mapping[str, Any], new: Mapping[str, Any], keys: Callable[[str], bool] = lambda key: True
+) -> list[str]:
+    """`"key: old -> new"` for every dotted key (nested mappings flattened) whose value differs, sorted, among the
+    keys `keys` accepts (all when None); a key on one side only reads None on the other. E.g. of two configs'
+    `to_dict()`."""
+
+    def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(old), flat(new)
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if keys(k) and a.get(k) != b.get(k)
+    ]

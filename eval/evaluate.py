@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from configs import changes
 from configs.schema import EvalConfig, ExperimentConfig, GenerationConfig
 from eval.plots import spectrogram_png
 from eval.scoring import Evidence, evidence_on_ray, set_metrics
@@ -210,16 +211,7 @@ def setting_changes(recorded: dict | None, wanted: dict) -> list[str]:
     """How `wanted` differs from a metrics.json's `settings`, one "key: old -> new" per difference."""
     if recorded is None:
         return ["settings: not recorded (written by an earlier version)"]
-
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    old, new = flat(recorded), flat(wanted)
-    keys = sorted(old.keys() | new.keys())
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return changes(recorded, wanted)
 
 
 def check_evalset(e: EvalConfig, evalset: EvalSet, set_dir: str | Path) -> None:

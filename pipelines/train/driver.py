@@ -88,17 +88,13 @@ CHECKED_SECTIONS = ("model.", "data.", "train.")
 def check_resumable(cfg: ExperimentConfig, run_dir: Path, local_mode: bool) -> None:
     """Refuse to continue `run_dir` (which holds checkpoints) with settings its checkpoints cannot continue, or from
     an older checkpoint than the newest (which would log its steps to MLflow a second time)."""
-    from configs import load_config
+    from configs import changes, load_config
     from pipelines.train.checkpoints import checkpoint_steps
 
     saved_file = run_dir / "config.yaml"
     if saved_file.is_file():
-        saved, new = load_config(saved_file).flatten(), cfg.flatten()
-        changed = [
-            f"{k}: {saved.get(k)!r} -> {new.get(k)!r}"
-            for k in sorted(saved.keys() | new.keys())
-            if k.startswith(CHECKED_SECTIONS) and k not in RESUMABLE_CHANGES and saved.get(k) != new.get(k)
-        ]
+        checked = lambda k: k.startswith(CHECKED_SECTIONS) and k not in RESUMABLE_CHANGES  # noqa: E731
+        changed = changes(load_config(saved_file).to_dict(), cfg.to_dict(), checked)
         if changed:
             raise ConfigError(
                 f"{run_dir} continues from its checkpoints, which were trained with other settings:\n  "

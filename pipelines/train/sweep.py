@@ -179,6 +179,16 @@ def check_sweep(cfg: ExperimentConfig, resume: bool) -> None:
     exists = tune.Tuner.can_restore(str(path)) if path.exists() else False
     if resume and not exists:
         raise ConfigError(f"nothing to resume: no sweep in {path} (train.storage_path / name)")
+    if resume and (path / "config.yaml").is_file():  # Tune restores its space and scheduler, the trials this base
+        from configs import changes, load_config
+
+        changed = changes(load_config(path / "config.yaml").to_dict(), cfg.to_dict())
+        if changed:
+            raise ConfigError(
+                f"the sweep in {path} ran with other settings; --resume continues it with its own:\n  "
+                + "\n  ".join(changed)
+                + f"\nresume with the settings in {path / 'config.yaml'}, or start a new sweep (name=...)"
+            )
     if not resume and exists:
         raise ConfigError(f"a sweep named {cfg.name!r} exists in {path}: continue it with --resume, or set name=...")
 

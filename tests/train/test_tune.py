@@ -114,6 +114,16 @@ def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(preprocessed, ray_se
     assert "error.txt" in {f.path for f in client.list_artifacts(failed.run_id)}
     assert load_config(out.path / BEST_YAML).train.lr == 3e-3
 
+    # --resume continues a sweep with the settings it ran with: the same config passes, another is refused.
+    from configs import ConfigError
+    from pipelines.paths import absolute_paths
+    from pipelines.train.sweep import check_sweep
+
+    check_sweep(absolute_paths(cfg), resume=True)
+    longer = ExperimentConfig.from_dict(apply_overrides(cfg.to_dict(), ["train.max_steps=5"]))
+    with pytest.raises(ConfigError, match="ran with other settings.*\n  train.max_steps: 4 -> 5"):
+        check_sweep(absolute_paths(longer), resume=True)
+
     # The sweep's folder deleted, a sweep of that name searches anew: a new parent run (with its own space), the
     # old one marked superseded; its trials stay under the old parent.
     import shutil
