@@ -73,7 +73,8 @@ def split_windows(clip: np.ndarray, sr: int, windows: int, seconds: float) -> li
 def caption_key(p: PreprocessConfig) -> str:
     """A hash of everything a model caption depends on besides the clip: a changed setting never reuses a caption."""
     what = [p.caption_audio_model, p.caption_text_model, AUDIO_PROMPT, REPHRASE_SYSTEM, REPHRASE_PROMPT,
-            p.caption_windows, p.caption_window_seconds, p.caption_max_new_tokens, p.sample_rate]  # fmt: skip
+            p.caption_windows, p.caption_window_seconds, p.caption_max_new_tokens, p.sample_rate,
+            p.separator]  # the clips are captioned after vocal removal  # fmt: skip
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 

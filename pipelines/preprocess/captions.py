@@ -181,7 +181,7 @@ class FileCaptioner:
         return None
 
     def _read_table(self, delimiter: str) -> list[tuple[int, Any, Any, Any]]:
-        with self.path.open(encoding="utf-8", newline="") as f:
+        with self.path.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             columns = [c.strip() for c in reader.fieldnames or []]
             missing = [c for c in ("track_id", "caption") if c not in columns]
@@ -192,7 +192,7 @@ class FileCaptioner:
 
     def _read_jsonl(self) -> list[tuple[int, Any, Any, Any]]:
         rows = []
-        with self.path.open(encoding="utf-8") as f:
+        with self.path.open(encoding="utf-8-sig") as f:
             for n, line in enumerate(f, start=1):
                 if not line.strip():
                     continue

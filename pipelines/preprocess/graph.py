@@ -24,10 +24,11 @@ from pathlib import Path
 
 import ray
 
-from configs.schema import ConfigError, DataConfig, ExperimentConfig
+from configs.schema import DAC_N_CODEBOOKS, ConfigError, DataConfig, ExperimentConfig
 from modeling.pretrained.codec import load_codec
 from modeling.pretrained.separator import load_separator
 from modeling.pretrained.text_encoder import TextEncoder
+from pipelines.files import atomic_write
 from pipelines.paths import absolute_paths
 from pipelines.preprocess.captioning import (
     caption_cache_dir,
@@ -54,6 +55,7 @@ from pipelines.preprocess.tokens import (
     SplitRule,
     finished_track_ids,
     part_name,
+    read_parts,
     read_unique,
     rejects_table,
     write_part,
@@ -99,9 +101,22 @@ class PreprocessSummary:
 def _check_pretrained(cfg: ExperimentConfig) -> None:
     """Fail once, before any data is read, when a pretrained part is missing (names the setting)."""
     p = cfg.preprocess
-    load_separator(p.separator, setting="preprocess.separator")
-    load_codec(p.codec, setting="preprocess.codec")
+    separator = load_separator(p.separator, setting="preprocess.separator")
+    codec = load_codec(p.codec, setting="preprocess.codec")
     TextEncoder(p.text_encoder, setting="preprocess.text_encoder")
+    rates = {"preprocess.sample_rate": p.sample_rate, "the separator's": separator.samplerate,
+             "the codec's": int(codec.sample_rate)}  # fmt: skip
+    if len(set(rates.values())) > 1:  # else every track is rejected at separation, or encoded at a wrong rate
+        raise ConfigError(
+            "the audio runs at one sample rate through separation and the codec, but "
+            + ", ".join(f"{k} is {v} Hz" for k, v in rates.items())
+            + ": set preprocess.sample_rate, or name models of that rate (preprocess.separator, preprocess.codec)"
+        )
+    if codec.n_codebooks != DAC_N_CODEBOOKS:
+        raise ConfigError(
+            f"preprocess.codec has {codec.n_codebooks} codebooks; the token table holds DAC 44.1 kHz's "
+            f"{DAC_N_CODEBOOKS} (preprocess.codec=44khz)"
+        )
     if p.captions == "model":  # found, not loaded: the caption actors load them when a clip misses the cache
         resolve_local_model(p.caption_audio_model, "preprocess.caption_audio_model")
         resolve_local_model(p.caption_text_model, "preprocess.caption_text_model")
@@ -160,6 +175,50 @@ def check_split(tokens_dir: str, rule: SplitRule) -> None:
         )
 
 
+# The settings a kept track's row (its clip, caption, codes, text features) or a track's verdict depends on. A rerun
+# writes only the unfinished tracks, so these must not change under a token table (SETTINGS_FILE records them).
+OUTPUT_SETTINGS = (
+    "sample_rate", "clip_seconds", "seed", "separator", "max_silence_seconds", "silence_threshold_db", "captions",
+    "caption_file", "caption_audio_model", "caption_text_model", "caption_windows", "caption_window_seconds",
+    "caption_max_new_tokens", "caption_candidates", "vocal_words", "codec", "text_encoder", "text_max_length",
+)  # fmt: skip
+SETTINGS_FILE = "_preprocess_settings.json"  # in data.tokens_dir; readers take only part-*.parquet
+
+
+def check_settings(cfg: ExperimentConfig) -> None:
+    """Refuse to add to a token table made with other OUTPUT_SETTINGS, naming them; record them for a new table
+    (or one an earlier version wrote, which did not record them)."""
+    from configs import changes
+
+    p = cfg.preprocess
+    wanted = {f"preprocess.{k}": getattr(p, k) for k in OUTPUT_SETTINGS}
+    file = Path(cfg.data.tokens_dir) / SETTINGS_FILE
+    if file.is_file():
+        changed = changes(json.loads(file.read_text()), wanted)
+        if changed:
+            raise ConfigError(
+                f"the token table in {cfg.data.tokens_dir} was made with other settings; a rerun only adds the "
+                "unfinished tracks, which would be made differently:\n  " + "\n  ".join(changed) + "\nrestore "
+                f"them, or delete {cfg.data.tokens_dir} and {p.rejects_dir} to redo every track with these (or "
+                f"delete {file} to accept the mix)"
+            )
+        return
+    atomic_write(file, lambda tmp: tmp.write_text(json.dumps(wanted, indent=1) + "\n"))
+
+
+def check_exclusion(tokens_dir: str, excluded: set[str]) -> None:
+    """Refuse to add to a token table that holds tracks the exclusion list names: an earlier run without it kept them,
+    and a rerun skips finished tracks, so they would stay in training (the eval set's tracks, leaked)."""
+    on_disk = read_parts(tokens_dir, ["track_id"], TOKENS_SCHEMA).column("track_id").to_pylist()
+    leaked = sorted(excluded.intersection(on_disk))
+    if leaked:
+        raise ConfigError(
+            f"{len(leaked)} track(s) of preprocess.exclude_csv have token rows in {tokens_dir} (e.g. "
+            f"{', '.join(leaked[:3])}), written by a run without that exclusion: delete {tokens_dir} and the "
+            "rejects folder (preprocess.rejects_dir) and run again"
+        )
+
+
 def run_preprocess(
     cfg: ExperimentConfig, *, check_pretrained: bool = True, address: str | None = None
 ) -> PreprocessSummary:
@@ -180,11 +239,16 @@ def run_preprocess(
     tokens_dir, rejects_dir = cfg.data.tokens_dir, p.rejects_dir
     split = split_rule(cfg.data)
     check_split(tokens_dir, split)
+    check_settings(cfg)
 
     tracks, rejects = read_metadata(p.metadata_tsv)
     summary = PreprocessSummary(tracks_in_metadata=len(tracks) + len(rejects))
     if p.exclude_csv:
-        excluded = read_excluded_ids(p.exclude_csv)
+        try:
+            excluded = read_excluded_ids(p.exclude_csv)
+        except ValueError as e:
+            raise ConfigError(f"preprocess.exclude_csv: {e}") from None
+        check_exclusion(tokens_dir, excluded)
         kept_tracks = []
         for t in tracks:
             if t.track_id in excluded:

@@ -74,7 +74,7 @@ def read_metadata(tsv_path: str | Path) -> tuple[list[Track], list[Reject]]:
     tracks: list[Track] = []
     rejects: list[Reject] = []
     seen: set[str] = set()
-    with tsv_path.open(encoding="utf-8", errors="replace", newline="") as f:
+    with tsv_path.open(encoding="utf-8-sig", errors="replace", newline="") as f:
         for n, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():
@@ -82,8 +82,8 @@ def read_metadata(tsv_path: str | Path) -> tuple[list[Track], list[Reject]]:
             if n == 1 and line.startswith("TRACK_ID"):
                 continue
             track, reject = _parse_row(line, n)
-            if track is not None and track.track_id in seen:
-                track, reject = None, Reject(track.track_id, "metadata", f"line {n}: duplicate track id")
+            if track is not None and track.track_id in seen:  # keyed by line: the track itself is processed once
+                track, reject = None, Reject(f"line:{n}", "metadata", f"line {n}: duplicate track id {track.track_id}")
             if reject is not None:
                 rejects.append(reject)
             else:
@@ -126,7 +126,7 @@ def read_excluded_ids(csv_path: str | Path) -> set[str]:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"Song Describer CSV not found: {csv_path}")
-    with csv_path.open(encoding="utf-8", newline="") as f:
+    with csv_path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         if "track_id" not in columns:
@@ -151,7 +151,7 @@ def read_split_ids(tsv_path: str | Path) -> set[str]:
     if not tsv_path.is_file():
         raise FileNotFoundError(f"split file not found: {tsv_path}")
     ids = set()
-    with tsv_path.open(encoding="utf-8", errors="replace", newline="") as f:
+    with tsv_path.open(encoding="utf-8-sig", errors="replace", newline="") as f:
         for n, line in enumerate(f, start=1):
             first = line.rstrip("\r\n").split("\t", 1)[0].strip()
             if first and not (n == 1 and first == "TRACK_ID"):

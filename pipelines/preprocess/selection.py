@@ -25,6 +25,17 @@ from pipelines.preprocess.filters import DEFAULT_VOCAL_WORDS, mentions_vocals, s
 from pipelines.preprocess.jamendo import Reject, Track
 
 
+def machine_error(error: BaseException) -> bool:
+    """An error of the machine, not of the data: out of (GPU) memory, a CUDA failure. A model step raises these
+    instead of recording a verdict, so Ray retries the batch or the job stops, and a rerun does those tracks again
+    (a verdict is final: a rerun skips the track)."""
+    import torch
+
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and "CUDA" in str(error)
+    )
+
+
 @dataclass
 class Selection:
     """The outcome for one track: the kept clip (or None) and every clip- or track-level rejection."""
@@ -112,6 +123,8 @@ def select_clip(
         try:
             cleaned = np.asarray(separate(audio), dtype=np.float32)
         except Exception as e:  # one bad clip must not stop the track, nor the job
+            if machine_error(e):
+                raise
             out.clip_rejects.append((start, Reject(track.track_id, "separation", f"clip at {start:g} s: {e!r}")))
             continue
         reject = silence_reject(

@@ -37,7 +37,7 @@ from pipelines.preprocess.captioning import (
 from pipelines.preprocess.captions import build_captioner
 from pipelines.preprocess.filters import DEFAULT_VOCAL_WORDS
 from pipelines.preprocess.jamendo import Reject, Track
-from pipelines.preprocess.selection import choose_captioned, select_clip
+from pipelines.preprocess.selection import choose_captioned, machine_error, select_clip
 from pipelines.preprocess.tokens import (
     SplitRule,
     part_name,
@@ -234,6 +234,8 @@ class WindowCaptioner(_CaptionStep):
             try:
                 texts = self.model(audio, p.sample_rate)
             except Exception as e:  # the batch's clips get no caption and are rejected (with e), the job goes on
+                if machine_error(e):
+                    raise
                 print(f"WindowCaptioner: {type(e).__name__}: {e}", file=sys.stderr)
                 texts = [""] * len(audio)
                 for row, i, _ in todo:
@@ -278,6 +280,8 @@ class CaptionRephraser(_CaptionStep):
             try:
                 texts = self.model([w for *_, w in todo])
             except Exception as e:  # the batch's clips get no caption and are rejected (with e), the job goes on
+                if machine_error(e):
+                    raise
                 print(f"CaptionRephraser: {type(e).__name__}: {e}", file=sys.stderr)
                 texts = [""] * len(todo)
                 for row, i, _, _ in todo:
@@ -325,7 +329,9 @@ class CodecEncoder:
                 continue
             try:
                 row["codes"] = encode_codes(self.model, row["audio"])  # (9, F)
-            except Exception as e:  # recorded, never raised
+            except Exception as e:  # recorded, never raised (but for the machine's errors)
+                if machine_error(e):
+                    raise
                 _reject_row(row, Reject(str(row["track_id"]), "codec", f"DAC encode failed: {e!r}"))
             row["audio"] = np.zeros(0, np.float32)  # the waveform is not needed downstream
         return batch_of(rows)

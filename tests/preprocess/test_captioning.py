@@ -175,3 +175,12 @@ def test_pipeline_captions_by_model_on_ray(corpus, tiny_pretrained, tiny_caption
         assert row["caption"] == caption and len(windows) == 3
         assert np.asarray(row["text_emb"]).shape == (row["text_len"], 32)
     assert len(cache.entries) >= len(tokens)
+
+
+def test_the_caption_key_follows_the_separator():
+    """Clips are captioned after vocal removal: another separator must not reuse a caption."""
+    from configs import load_config
+
+    p = load_config("debug").preprocess
+    other = load_config("debug", ["preprocess.separator=htdemucs_ft"]).preprocess
+    assert caption_key(p) != caption_key(other) and caption_key(p) == caption_key(load_config("debug").preprocess)

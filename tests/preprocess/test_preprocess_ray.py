@@ -90,8 +90,13 @@ def test_reasons_name_the_problem(first_run, corpus):
 
 def test_token_parquet_schema_and_contents(first_run):
     cfg, _ = first_run
+    from pipelines.preprocess.graph import SETTINGS_FILE
+
     files = sorted(Path(cfg.data.tokens_dir).glob("*"))
+    assert Path(cfg.data.tokens_dir) / SETTINGS_FILE in files  # what the rows were made with; readers skip it
+    files = [f for f in files if f.name != SETTINGS_FILE]
     assert files and all(f.name.startswith("part-") and f.suffix == ".parquet" for f in files)
+    assert pq.read_table(cfg.data.tokens_dir).num_rows == read_parts(cfg.data.tokens_dir).num_rows
     table = pq.read_table(files[0])
     assert table.schema.equals(TOKENS_SCHEMA)
     for row in read_parts(cfg.data.tokens_dir).to_pylist():
@@ -199,3 +204,39 @@ def test_a_malformed_caption_file_stops_before_any_work(corpus, tiny_pretrained,
 def test_summary_is_json_serialisable(first_run):
     _, summary = first_run
     assert json.loads(json.dumps(asdict(summary)))["tracks_in_metadata"] == summary.tracks_in_metadata
+
+
+def test_a_rerun_that_would_keep_excluded_tracks_in_training_is_refused(first_run, tmp_path):
+    """A first run without the Song Describer list kept tracks that the list names; a rerun skips finished tracks,
+    so they would stay in training: refused, naming them."""
+    cfg, _ = first_run
+    kept = sorted(set(read_parts(cfg.data.tokens_dir, ["track_id"]).column("track_id").to_pylist()))[0]
+    listed = tmp_path / "song_describer.csv"
+    listed.write_text(f"caption_id,track_id,caption\n1,{kept.removeprefix('track_')},a caption\n")
+    d = cfg.to_dict()
+    d["preprocess"]["exclude_csv"] = str(listed)
+    with pytest.raises(ConfigError, match=f"1 track\\(s\\) of preprocess.exclude_csv have token rows .*{kept}"):
+        run_preprocess(ExperimentConfig.from_dict(d), check_pretrained=False)
+
+
+def test_models_of_another_sample_rate_are_refused_before_any_work(corpus, tiny_pretrained, tmp_path):
+    """At 48 kHz every track was rejected at separation (the separator runs at 44.1 kHz), for good."""
+    cfg = preprocess_config(corpus, tiny_pretrained, tmp_path, "preprocess.sample_rate=48000")
+    with pytest.raises(ConfigError, match="preprocess.sample_rate is 48000 Hz, the separator's is 44100 Hz"):
+        run_preprocess(cfg)
+    assert not (tmp_path / "rejects").exists() and not (tmp_path / "tokens").exists()
+
+
+def test_a_rerun_with_other_output_settings_is_refused(first_run):
+    """A rerun writes only the unfinished tracks: made with another clip length or silence rule, they would mix with
+    the rows on disk. The table records what it was made with, and a rerun must match it."""
+    from pipelines.preprocess.graph import SETTINGS_FILE
+
+    cfg, _ = first_run
+    recorded = json.loads((Path(cfg.data.tokens_dir) / SETTINGS_FILE).read_text())
+    assert recorded["preprocess.clip_seconds"] == cfg.preprocess.clip_seconds
+    d = cfg.to_dict()
+    d["preprocess"].update(clip_seconds=cfg.preprocess.clip_seconds / 2, silence_threshold_db=-50.0)
+    message = r"made with other settings.*\n  preprocess.clip_seconds: .*\n  preprocess.silence_threshold_db: -60.0"
+    with pytest.raises(ConfigError, match=message):
+        run_preprocess(ExperimentConfig.from_dict(d), check_pretrained=False)

@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from pipelines.preprocess.captions import FileCaptioner, TagCaptioner
 from pipelines.preprocess.jamendo import Reject, Track
@@ -148,6 +149,20 @@ def test_separation_failure_drops_the_clip_not_the_track():
     sel = _select(_track(), _clips("ll"), separate=flaky)
     assert sel.track_reject is None
     assert [r.stage for _, r in sel.clip_rejects] == ["separation"]
+
+
+@pytest.mark.parametrize(
+    "error", [torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("CUDA error: an illegal memory access"),
+              MemoryError()],
+)  # fmt: skip
+def test_the_machines_errors_are_raised_not_recorded(error):
+    """Out of memory is no verdict on the clip: recorded, the track would count as finished and never be retried."""
+
+    def failing(x):
+        raise error
+
+    with pytest.raises(type(error)):
+        _select(_track(), _clips("ll"), separate=failing)
 
 
 def test_vocals_removed_audio_is_what_is_kept():

@@ -88,13 +88,19 @@ def test_read_metadata_variable_tags_and_rejects(tmp_path: Path):
     assert tracks[2].tags == []
 
     by_id = {r.track_id: r for r in rejects}
-    assert set(by_id) == {"track_0000217", "track_0000218", "line:8", "track_0000214", "track_0000220"}
+    # The duplicate of track_0000214 (line 9) is keyed by its line: a reject under the track's own id would mark the
+    # track it duplicates as finished (a track-level verdict) beside its token row.
+    assert set(by_id) == {"track_0000217", "track_0000218", "line:8", "line:9", "track_0000220"}
     assert all(r.stage == "metadata" for r in rejects)
     assert "line 6" in by_id["track_0000217"].reason and "5" in by_id["track_0000217"].reason
     assert "line 7" in by_id["track_0000218"].reason and "duration" in by_id["track_0000218"].reason
     assert "line 8" in by_id["line:8"].reason and "garbage" in by_id["line:8"].reason
-    assert "line 9" in by_id["track_0000214"].reason and "duplicate" in by_id["track_0000214"].reason
+    assert "duplicate track id track_0000214" in by_id["line:9"].reason
     assert "line 10" in by_id["track_0000220"].reason
+
+    bom = tmp_path / "saved_by_excel.tsv"  # a UTF-8 byte-order mark before the header: read as if absent
+    bom.write_bytes(b"\xef\xbb\xbf" + TSV.encode())
+    assert read_metadata(bom) == (tracks, rejects)
 
 
 def test_read_metadata_missing_file(tmp_path: Path):
@@ -132,6 +138,9 @@ def test_read_excluded_ids(tmp_path: Path):
     bad.write_text("caption_id,jamendo\n1,214\n")
     with pytest.raises(ValueError, match="track_id"):
         read_excluded_ids(bad)
+    bom = tmp_path / "saved_by_excel.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())
+    assert read_excluded_ids(bom) == {"track_0000214", "track_0001086"}
 
 
 def test_audio_path_and_tags():
@@ -385,6 +394,12 @@ def test_file_captioner_csv_and_jsonl(tmp_path: Path):
     assert cap(track("track_0000214"), None, SR) == "Ambient pads"
     assert cap(track("track_0000300"), None, SR) == "Jazz trio"
     assert cap(track("track_0000001"), None, SR) is None
+
+    for f in (csv_path, jsonl):  # a UTF-8 byte-order mark (a file saved by Excel or Notepad) changes nothing
+        bom = tmp_path / f"bom{f.suffix}"
+        bom.write_bytes(b"\xef\xbb\xbf" + f.read_bytes())
+        first = track("track_0000214")
+        assert FileCaptioner(bom)(first, None, SR) == FileCaptioner(f)(first, None, SR)
 
 
 def test_file_captioner_errors(tmp_path: Path):
