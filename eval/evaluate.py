@@ -30,7 +30,7 @@ from configs.schema import EvalConfig, ExperimentConfig, GenerationConfig
 from eval.plots import spectrogram_png
 from eval.scoring import Evidence, evidence_on_ray, set_metrics
 from pipelines.generation import slugify
-from pipelines.paths import resolve_path_or_id
+from pipelines.paths import check_store_exists, resolve_path_or_id
 from pipelines.preprocess.evalset import EvalSet, read_evalset
 
 EVAL_DIR = "eval"  # in a run folder: one step_NNNNNN/ per evaluated checkpoint
@@ -86,16 +86,19 @@ def run_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
     found: dict[int, Path] = {}
-    runs: dict[Path, int] = {}  # the run folder of each checkpoint: one expected
+    runs: dict[tuple[Path, str], int] = {}  # (run folder, run name) of each checkpoint: one expected
     for file in sorted(run_dir.rglob(MODEL_FILE), key=lambda f: f.stat().st_mtime):
         parts = file.relative_to(run_dir).parts
         if any(p.startswith(".") for p in parts) or BEST_DIR in parts[:-1] or parts[0] == EVAL_DIR:
             continue
         found[saved_step(file)] = file
-        folder = run_folder(file, saved_config(file))
-        runs[folder] = runs.get(folder, 0) + 1
+        cfg = saved_config(file)
+        run = (run_folder(file, cfg), cfg.name)  # a sweep's trials share the sweep's config.yaml, not their name
+        runs[run] = runs.get(run, 0) + 1
     if len(runs) > 1:
-        listing = "\n".join(f"  {folder} ({count} checkpoints)" for folder, count in sorted(runs.items()))
+        listing = "\n".join(
+            f"  {folder}: {name} ({count} checkpoints)" for (folder, name), count in sorted(runs.items())
+        )
         raise ValueError(
             f"{run_dir} holds the checkpoints of {len(runs)} runs; pass one run folder to --run:\n{listing}"
         )
@@ -207,10 +210,8 @@ def evaluation_settings(e: EvalConfig, set_dir: str | Path, clips: int, generati
     }
 
 
-def setting_changes(recorded: dict | None, wanted: dict) -> list[str]:
+def setting_changes(recorded: dict, wanted: dict) -> list[str]:
     """How `wanted` differs from a metrics.json's `settings`, one "key: old -> new" per difference."""
-    if recorded is None:
-        return ["settings: not recorded (written by an earlier version)"]
     return changes(recorded, wanted)
 
 
@@ -271,8 +272,13 @@ class CheckpointEvaluator:
         return evaluation_settings(self.e, self.set_dir, len(self.evalset), self.generation(cfg))
 
     def training_run(self, cfg: ExperimentConfig) -> tuple[str | None, str]:
-        """(the id of the MLflow run that trained `cfg` or None, the store's URI)."""
+        """(the id of the MLflow run that trained `cfg` or None, the store's URI). A SQLite store that does not exist
+        here (a checkpoint trained on another machine) finds none, and is not created."""
         uri = self.uri or self._uri(cfg)
+        try:
+            check_store_exists(uri)
+        except FileNotFoundError:
+            return None, uri
         return find_training_run(cfg, uri), uri
 
     def __call__(self, checkpoint: Path, out_dir: Path | None = None) -> Evaluation:

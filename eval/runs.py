@@ -36,6 +36,7 @@ class RunPlan:
 
     todo: dict[int, Path] = field(default_factory=dict)  # no metrics.json (or re-evaluated with `force`)
     done: list[int] = field(default_factory=list)  # evaluated with these settings
+    unrecorded: list[int] = field(default_factory=list)  # evaluated by an earlier version (no settings): done
     unlogged: list[int] = field(default_factory=list)  # evaluated with these settings, not yet in MLflow
     changed: dict[int, list[str]] = field(default_factory=dict)  # evaluated with other settings: how they differ
 
@@ -54,8 +55,14 @@ def plan_run(evaluator: CheckpointEvaluator, run_dir: Path, force: bool = False)
             plan.todo[step] = file
             continue
         summary = json.loads(metrics_file.read_text())
+        if "settings" not in summary:  # an earlier version's: kept as done (nothing to compare), force redoes it
+            if force:
+                plan.todo[step] = file
+            else:
+                plan.unrecorded.append(step)
+            continue
         cfg = saved_config(file)
-        changes = setting_changes(summary.get("settings"), evaluator.settings(cfg))
+        changes = setting_changes(summary["settings"], evaluator.settings(cfg))
         if changes:
             plan.changed[step] = changes
             if force:

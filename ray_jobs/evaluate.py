@@ -108,8 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         for c in configs:
             codec_file(overrides.get("codec") or c.preprocess.codec, "preprocess.codec")
         uri = resolve_tracking_uri(cfg) if cfg else None  # None: each checkpoint's config (and $MLFLOW_TRACKING_URI)
-        for store in {uri} if uri else {resolve_tracking_uri(c) for c in configs}:
-            check_store_exists(store)  # where the training runs are
+        if uri:
+            check_store_exists(uri)  # the store --config names: where the training runs should be
+        for store in sorted({resolve_tracking_uri(c) for c in configs} if not uri else set()):
+            try:
+                check_store_exists(store)
+            except FileNotFoundError:  # trained on another machine: evaluate anyway, log when the store is given
+                print(
+                    f"note: no MLflow store at {store}, where the checkpoints were trained: metrics.json only; to log "
+                    "to the training run, pass --config with mlflow.tracking_uri (a later --run logs such steps)",
+                    file=sys.stderr,
+                )
         evaluator = CheckpointEvaluator(e, set_dir, overrides, device, uri)
         for c in configs:
             evaluator.generation(c)  # --cfg and --batch-size checked against each checkpoint's settings
@@ -132,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if plan.done:
             print(f"already evaluated with these settings: steps {', '.join(map(str, plan.done))}")
+        if plan.unrecorded:
+            print(
+                f"note: steps {', '.join(map(str, plan.unrecorded))} were evaluated by an earlier version, which did "
+                "not record its settings: kept as they are (--force evaluates them again)"
+            )
         if plan.changed and args.force:
             print(f"evaluating again (--force): steps {', '.join(map(str, plan.changed))}")
         evaluations, _ = evaluate_run(evaluator, target, plan=plan)

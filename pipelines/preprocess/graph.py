@@ -48,6 +48,7 @@ from pipelines.preprocess.steps import (
     write_step,
 )
 from pipelines.preprocess.tokens import (
+    PART_GLOB,
     REJECTS_KEY,
     REJECTS_SCHEMA,
     TOKENS_KEY,
@@ -182,28 +183,34 @@ OUTPUT_SETTINGS = (
     "caption_file", "caption_audio_model", "caption_text_model", "caption_windows", "caption_window_seconds",
     "caption_max_new_tokens", "caption_candidates", "vocal_words", "codec", "text_encoder", "text_max_length",
 )  # fmt: skip
-SETTINGS_FILE = "_preprocess_settings.json"  # in data.tokens_dir; readers take only part-*.parquet
+SETTINGS_FILE = "_preprocess_settings.json"  # in both output folders; readers take only part-*.parquet
 
 
 def check_settings(cfg: ExperimentConfig) -> None:
-    """Refuse to add to a token table made with other OUTPUT_SETTINGS, naming them; record them for a new table
-    (or one an earlier version wrote, which did not record them)."""
+    """Refuse to add to a token table or its rejects made with other OUTPUT_SETTINGS, naming them; record them
+    for new output (or output an earlier version wrote, which did not record them). The record is kept in both
+    folders, so deleting one of them (to redo the kept tracks, say) keeps it. A record of a run that wrote nothing
+    (it stopped before its first part) is simply replaced."""
     from configs import changes
 
     p = cfg.preprocess
     wanted = {f"preprocess.{k}": getattr(p, k) for k in OUTPUT_SETTINGS}
-    file = Path(cfg.data.tokens_dir) / SETTINGS_FILE
-    if file.is_file():
-        changed = changes(json.loads(file.read_text()), wanted)
+    folders = [Path(cfg.data.tokens_dir), Path(p.rejects_dir)]
+    written = any(next(d.glob(PART_GLOB), None) is not None for d in folders)
+    records = [d / SETTINGS_FILE for d in folders if (d / SETTINGS_FILE).is_file()]
+    if written and records:
+        changed = changes(json.loads(records[0].read_text()), wanted)
         if changed:
             raise ConfigError(
-                f"the token table in {cfg.data.tokens_dir} was made with other settings; a rerun only adds the "
-                "unfinished tracks, which would be made differently:\n  " + "\n  ".join(changed) + "\nrestore "
-                f"them, or delete {cfg.data.tokens_dir} and {p.rejects_dir} to redo every track with these (or "
-                f"delete {file} to accept the mix)"
+                f"the output in {cfg.data.tokens_dir} and {p.rejects_dir} was made with other settings; a rerun only "
+                "adds the unfinished tracks, which would be made differently:\n  "
+                + "\n  ".join(changed)
+                + "\nrestore them, or delete both folders to redo every track with these (or delete "
+                + " and ".join(map(str, records))
+                + " to accept the mix)"
             )
-        return
-    atomic_write(file, lambda tmp: tmp.write_text(json.dumps(wanted, indent=1) + "\n"))
+    for d in folders:
+        atomic_write(d / SETTINGS_FILE, lambda tmp: tmp.write_text(json.dumps(wanted, indent=1) + "\n"))
 
 
 def check_exclusion(tokens_dir: str, excluded: set[str]) -> None:

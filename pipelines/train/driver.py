@@ -81,7 +81,8 @@ RESUMABLE_CHANGES = {f"train.{k}" for k in (
     "max_steps", "checkpoint_every", "keep_checkpoints", "val_every", "generate_every", "max_nonfinite_steps",
     "max_failures", "log_every", "peak_tflops", "eval_every", "eval_checkpoint_every", "use_gpu", "precision",
     "ema_decay", "storage_path",
-)} | {"data.tokens_dir"}  # fmt: skip
+)} | {f"data.{k}" for k in ("tokens_dir", "split", "split_file", "val_fraction", "seed")}  # fmt: skip
+# (the split settings are preprocessing's: training reads each row's stored split)
 CHECKED_SECTIONS = ("model.", "data.", "train.")
 
 
@@ -92,9 +93,14 @@ def check_resumable(cfg: ExperimentConfig, run_dir: Path, local_mode: bool) -> N
     from pipelines.train.checkpoints import checkpoint_steps
 
     saved_file = run_dir / "config.yaml"
-    if saved_file.is_file():
+    try:
+        saved = load_config(saved_file).to_dict() if saved_file.is_file() else None
+    except ConfigError as err:  # written by an earlier version that accepted other values: nothing to compare
+        print(f"note: {saved_file} no longer reads ({err}); its settings are not compared", file=sys.stderr)
+        saved = None
+    if saved is not None:
         checked = lambda k: k.startswith(CHECKED_SECTIONS) and k not in RESUMABLE_CHANGES  # noqa: E731
-        changed = changes(load_config(saved_file).to_dict(), cfg.to_dict(), checked)
+        changed = changes(saved, cfg.to_dict(), checked)
         if changed:
             raise ConfigError(
                 f"{run_dir} continues from its checkpoints, which were trained with other settings:\n  "

@@ -14,6 +14,7 @@ finished trials are kept, the others continue from their checkpoints, in the sam
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import traceback
 from dataclasses import dataclass
@@ -62,19 +63,21 @@ def _plain(value: Any) -> Any:
 
 
 def trial_config(experiment: dict, params: dict[str, Any], name: str) -> ExperimentConfig:
-    """The sweep's config with a trial's sampled values put in, under the trial's name.
-
-    A trial trains on one worker (one process, Tune's resources): `train.num_workers` folds into
-    `train.grad_accum`, so the trial steps with the effective batch that `best.yaml`, trained, will use.
-    """
+    """The sweep's config with a trial's sampled values put in, under the trial's name."""
     d = copy.deepcopy(experiment)
     for key, value in params.items():
         section, field = key.split(".")
         d[section][field] = _plain(value)
     d["name"] = name
-    t = d["train"]
-    t["grad_accum"], t["num_workers"] = t["grad_accum"] * t["num_workers"], 1
     return ExperimentConfig.from_dict(d)
+
+
+def on_one_worker(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` for a trial, which trains in one process: `train.num_workers` folds into `train.grad_accum`, so the
+    trial steps with the effective batch that `best.yaml` (which keeps both) trains with."""
+    t = cfg.train
+    train = dataclasses.replace(t, grad_accum=t.grad_accum * t.num_workers, num_workers=1)
+    return dataclasses.replace(cfg, train=train)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,7 +97,7 @@ def tune_trial(params: dict[str, Any], sweep: dict) -> None:
 
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
-    cfg = trial_config(sweep["experiment"], params, f"{sweep['experiment']['name']}-{trial_id}")
+    cfg = on_one_worker(trial_config(sweep["experiment"], params, f"{sweep['experiment']['name']}-{trial_id}"))
     run_dir = Path(sweep["storage"]) / f"{TRIAL_PREFIX}{trial_id}"  # Tune's folder of the trial (storage_path is local)
     tags = {PARENT_TAG: sweep["parent_run_id"], TRIAL_TAG: trial_id}
     run_id = start_or_resume_run(cfg, sweep["storage"], sweep["tracking_uri"], tags=tags)

@@ -174,6 +174,20 @@ def test_a_step_counts_as_done_only_with_the_same_settings(trained, tmp_path):
     summary = json.loads(metrics_file.read_text())
     metrics_file.write_text(json.dumps({**summary, "mlflow_run_id": None}))
     assert plan_run(same, run_dir).unlogged == [STEPS]
+    # Evaluated by an earlier version, which recorded no settings: kept as done, whatever is asked; force redoes it.
+    metrics_file.write_text(json.dumps({k: v for k, v in summary.items() if k != "settings"}))
+    assert plan_run(fewer, run_dir).unrecorded == [STEPS] and list(plan_run(fewer, run_dir, force=True).todo) == [
+        10,
+        20,
+    ]
+
+    # A checkpoint trained where its MLflow store was: on a machine without that file, no run is found and no
+    # empty store is created (metrics.json records mlflow_run_id null; a --run with the store logs it later).
+    cfg = saved_config(run_dir / EVAL_CHECKPOINT_DIR / "step_000010" / "model.pt")
+    elsewhere = dataclasses.replace(
+        cfg, mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=f"sqlite:///{tmp_path}/a.db")
+    )
+    assert fewer.training_run(elsewhere) == (None, f"sqlite:///{tmp_path}/a.db") and not (tmp_path / "a.db").exists()
 
 
 def test_metrics_json_appears_only_once_the_numbers_are_logged(trained, tmp_path):

@@ -240,3 +240,16 @@ def test_a_rerun_with_other_output_settings_is_refused(first_run):
     message = r"made with other settings.*\n  preprocess.clip_seconds: .*\n  preprocess.silence_threshold_db: -60.0"
     with pytest.raises(ConfigError, match=message):
         run_preprocess(ExperimentConfig.from_dict(d), check_pretrained=False)
+
+
+def test_settings_recorded_by_a_run_that_wrote_nothing_are_replaced(first_run, tmp_path):
+    """A first run that stopped before its first part (a wrong setting, say) must not lock in its settings."""
+    from pipelines.preprocess.graph import SETTINGS_FILE, check_settings
+
+    d = first_run[0].to_dict()
+    d["data"]["tokens_dir"], d["preprocess"]["rejects_dir"] = str(tmp_path / "tokens"), str(tmp_path / "rejects")
+    check_settings(ExperimentConfig.from_dict(d))  # records clip_seconds 30
+    d["preprocess"]["clip_seconds"] = 10.0
+    check_settings(ExperimentConfig.from_dict(d))  # nothing written under the first: replaced
+    for folder in ("tokens", "rejects"):  # kept in both: deleting the tokens to redo the kept tracks keeps it
+        assert json.loads((tmp_path / folder / SETTINGS_FILE).read_text())["preprocess.clip_seconds"] == 10.0

@@ -234,9 +234,11 @@ def test_tune_seed_repeats_the_random_draws():
 
 def test_a_trial_trains_on_one_worker_with_the_sweeps_effective_batch():
     """Tune gives a trial one process: train.num_workers folds into grad_accum (best.yaml keeps both as given)."""
-    from pipelines.train.sweep import trial_config
+    from pipelines.train.sweep import on_one_worker, trial_config
 
     base = load_config("tune_debug", ["train.num_workers=4", "train.grad_accum=2", "train.batch_size=3"])
-    trial = trial_config(base.to_dict(), {"train.lr": 1e-3}, "t")
+    best = trial_config(base.to_dict(), {"train.lr": 1e-3}, "t")  # what best.yaml holds: as given
+    assert (best.train.num_workers, best.train.grad_accum, best.train.lr) == (4, 2, 1e-3)
+    trial = on_one_worker(best)  # what the trial trains with
     assert (trial.train.num_workers, trial.train.grad_accum, trial.train.lr) == (1, 8, 1e-3)
     assert trial.train.effective_batch_size == base.train.effective_batch_size == 24
