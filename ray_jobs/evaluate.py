@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             if not checkpoints:
                 raise FileNotFoundError(f"no checkpoint (model.pt) in {str(target)!r} or below")
         configs = [saved_config(c) for c in checkpoints]
+        if cfg is None:  # the checkpoint's own store: inside a Ray job, a relative one would point into its copy
+            check_job_paths(configs[-1], tracking=True)
         e = (cfg or configs[-1]).eval
         given = {"seconds": args.seconds, "limit": args.limit}
         e = dataclasses.replace(e, **{k: v for k, v in given.items() if v is not None})  # re-validated

@@ -73,3 +73,26 @@ def test_make_corpus_writes_under_the_root(package, tmp_path, monkeypatch):
     )
     assert (tmp_path / "root" / "corpus" / "raw_30s_cleantags_50artists.tsv").is_file()
     assert list(package.iterdir()) == []
+
+
+def test_evaluate_without_a_config_checks_the_checkpoints_own_store(package, tmp_path, capsys):
+    """Without --config, evaluate logs to the store the checkpoint's config names; a relative one (an earlier
+    version's checkpoint) would be a new store inside the package copy, and the numbers would never reach the run."""
+    from configs import load_config
+    from modeling.builders import build_model
+    from pipelines.train.checkpoints import save_model
+    from ray_jobs import evaluate
+
+    cfg = load_config("debug")
+    save_model(tmp_path / "ckpt", build_model(cfg.model), cfg, 5)
+    assert evaluate.main(["--checkpoint", str(tmp_path / "ckpt" / "model.pt")]) == 2
+    err = capsys.readouterr().err
+    assert PREFIX in err and "the MLflow store sqlite:///mlflow.db" in err, err
+
+
+def test_the_console_script_fails_without_a_job(capsys):
+    from ray_jobs import cli
+
+    assert cli.main([]) == 2 and "simba-ttm <job>" in capsys.readouterr().err  # a script that lost its job name
+    assert cli.main(["--help"]) == 0 and "simba-ttm <job>" in capsys.readouterr().out
+    assert cli.main(["no-such-job"]) == 2
