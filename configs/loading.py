@@ -160,7 +160,7 @@ def changes(
     old: Mapping[str, Any], new: Mapping[str, Any], keys: Callable[[str], bool] = lambda key: True
 ) -> list[str]:
     """`"key: old -> new"` for every dotted key (nested mappings flattened) whose value differs, sorted, among the
-    keys `keys` accepts (all when None); a key on one side only reads None on the other. E.g. of two configs'
+    keys `keys` accepts (by default all); a key on one side only reads None on the other. E.g. of two configs'
     `to_dict()`."""
 
     def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

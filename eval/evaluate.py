@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from configs import changes
 from configs.schema import EvalConfig, ExperimentConfig, GenerationConfig
 from eval.plots import spectrogram_png
 from eval.scoring import Evidence, evidence_on_ray, set_metrics
@@ -66,6 +65,11 @@ def run_folder(checkpoint: Path, cfg: ExperimentConfig) -> Path:
         if (parent / "config.yaml").is_file():
             return parent
     return run_dir_of(cfg)
+
+
+def artifact_dir(step: int) -> str:
+    """Where a step's metrics.json and example clips go among its training run's MLflow artifacts."""
+    return f"eval/step_{step:06d}"
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -196,7 +200,7 @@ def _model_id(value: str | None) -> str | None:
 def evaluation_settings(e: EvalConfig, set_dir: str | Path, clips: int, generation: GenerationConfig) -> dict:
     """What an evaluation's numbers depend on besides the checkpoint: which references (the eval set's folder and
     how many of its captions), how long a clip is compared, the scoring models and the sampling distribution.
-    metrics.json keeps it as `settings`; a step is evaluated again only when these differ (`setting_changes`)."""
+    metrics.json keeps it as `settings`; a step is evaluated again only when these differ (`configs.changes`)."""
     models = {"clap": _model_id(e.clap), "passt": _model_id(e.passt)}
     if e.fad_embedder == "vggish":
         models["vggish"] = _model_id(e.vggish)
@@ -208,11 +212,6 @@ def evaluation_settings(e: EvalConfig, set_dir: str | Path, clips: int, generati
         "models": models,
         "sampling": {k: getattr(generation, k) for k in DISTRIBUTION_KEYS},
     }
-
-
-def setting_changes(recorded: dict, wanted: dict) -> list[str]:
-    """How `wanted` differs from a metrics.json's `settings`, one "key: old -> new" per difference."""
-    return changes(recorded, wanted)
 
 
 def check_evalset(e: EvalConfig, evalset: EvalSet, set_dir: str | Path) -> None:
@@ -304,10 +303,10 @@ class CheckpointEvaluator:
         jobs = []
         for file, out in checkpoints:
             step, cfg = saved_step(file), saved_config(file)
-            batch = self.generation(cfg).batch_size
-            refs = launch_generation(file, batch, n, self.e, self.set_dir, self.overrides, self.device)
+            generation = self.generation(cfg)
+            refs = launch_generation(file, generation.batch_size, n, self.e, self.set_dir, self.overrides, self.device)
             out = Path(out) if out is not None else step_dir(run_folder(file, cfg), step)
-            jobs.append((Path(file), out, step, cfg, refs))
+            jobs.append((Path(file), out, step, cfg, generation, refs))
         log(f"generating {n} clips for each of {len(jobs)} checkpoint(s) (steps {', '.join(str(j[2]) for j in jobs)})")
         audio = [np.concatenate(ray.get(refs)) for *_, refs in jobs]
         seconds = {"generate": time.perf_counter() - t0}
@@ -324,7 +323,7 @@ class CheckpointEvaluator:
         seconds = {f"{k} (this pass of {len(jobs)} checkpoints)": v for k, v in seconds.items()}
 
         results = []
-        for (file, out, step, cfg, _), clips, ev in zip(jobs, audio, evidence, strict=True):
+        for (file, out, step, cfg, generation, _), clips, ev in zip(jobs, audio, evidence, strict=True):
             metrics = set_metrics(ev, self.references)
             run_id, uri = self.training_run(cfg)
             logger = None
@@ -332,7 +331,6 @@ class CheckpointEvaluator:
                 from pipelines.train.tracking import RunLogger
 
                 logger = RunLogger(run_id, uri)
-            generation = self.generation(cfg)
             info = {
                 "checkpoint": str(file),
                 "mlflow_run_id": run_id,
@@ -387,7 +385,7 @@ def record(
     if logger is not None:
         logger.metrics(metrics, step=step)
         for file in examples:
-            logger.artifact(file, f"eval/step_{step:06d}")
+            logger.artifact(file, artifact_dir(step))
     write_metrics(out_dir, summary, logger)
 
 
@@ -400,7 +398,7 @@ def write_metrics(out_dir: Path, summary: dict, logger) -> None:
     staged = pending / METRICS_FILE
     staged.write_text(json.dumps(summary, indent=2) + "\n")
     if logger is not None:
-        logger.artifact(staged, f"eval/step_{summary['step']:06d}")
+        logger.artifact(staged, artifact_dir(summary["step"]))
     staged.replace(final)
     pending.rmdir()
 
@@ -413,7 +411,7 @@ def log_recorded(out_dir: Path, logger) -> dict:
     logger.metrics(summary["metrics"], step=step)
     for png in sorted((Path(out_dir) / "clips").glob("*.png")):  # the examples: the clips with a spectrogram
         for file in (png.with_suffix(".wav"), png):
-            logger.artifact(file, f"eval/step_{step:06d}")
+            logger.artifact(file, artifact_dir(step))
     write_metrics(out_dir, {**summary, "mlflow_run_id": logger.run_id}, logger)
     return summary
 

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from configs import changes
 from eval.evaluate import (
     METRICS_FILE,
     CheckpointEvaluator,
@@ -21,7 +22,6 @@ from eval.evaluate import (
     format_metrics,
     log_recorded,
     run_checkpoints,
-    setting_changes,
     step_dir,
 )
 
@@ -34,6 +34,7 @@ class StaleEvaluationError(ValueError):
 class RunPlan:
     """What `evaluate_run` does with each checkpoint of a run, by step."""
 
+    checkpoints: dict[int, Path] = field(default_factory=dict)  # every checkpoint of the run (`run_checkpoints`)
     todo: dict[int, Path] = field(default_factory=dict)  # no metrics.json (or re-evaluated with `force`)
     done: list[int] = field(default_factory=list)  # evaluated with these settings
     unrecorded: list[int] = field(default_factory=list)  # evaluated by an earlier version (no settings): done
@@ -41,14 +42,17 @@ class RunPlan:
     changed: dict[int, list[str]] = field(default_factory=dict)  # evaluated with other settings: how they differ
 
 
-def plan_run(evaluator: CheckpointEvaluator, run_dir: Path, force: bool = False) -> RunPlan:
-    """Sort the checkpoints of `run_dir` (see `RunPlan`); with `force`, the changed ones are also to do."""
+def plan_run(
+    evaluator: CheckpointEvaluator, run_dir: Path, force: bool = False, checkpoints: dict[int, Path] | None = None
+) -> RunPlan:
+    """Sort the checkpoints of `run_dir` (see `RunPlan`); with `force`, the changed ones are also to do.
+    `checkpoints`: `run_checkpoints(run_dir)` when the caller has it already."""
     from pipelines.train.checkpoints import saved_config
 
-    checkpoints = run_checkpoints(run_dir)
+    checkpoints = run_checkpoints(run_dir) if checkpoints is None else checkpoints
     if not checkpoints:
         raise FileNotFoundError(f"no checkpoint (model.pt) in {str(run_dir)!r} or below")
-    plan = RunPlan()
+    plan = RunPlan(checkpoints=checkpoints)
     for step, file in checkpoints.items():
         metrics_file = step_dir(run_dir, step) / METRICS_FILE
         if not metrics_file.is_file():
@@ -62,9 +66,9 @@ def plan_run(evaluator: CheckpointEvaluator, run_dir: Path, force: bool = False)
                 plan.unrecorded.append(step)
             continue
         cfg = saved_config(file)
-        changes = setting_changes(summary["settings"], evaluator.settings(cfg))
-        if changes:
-            plan.changed[step] = changes
+        changed = changes(summary["settings"], evaluator.settings(cfg))
+        if changed:
+            plan.changed[step] = changed
             if force:
                 plan.todo[step] = file
         elif summary.get("mlflow_run_id") is None and evaluator.training_run(cfg)[0] is not None:
@@ -72,7 +76,7 @@ def plan_run(evaluator: CheckpointEvaluator, run_dir: Path, force: bool = False)
         else:
             plan.done.append(step)
     if plan.changed and not force:
-        listing = "\n".join(f"  step {step}: {'; '.join(changes)}" for step, changes in plan.changed.items())
+        listing = "\n".join(f"  step {step}: {'; '.join(changed)}" for step, changed in plan.changed.items())
         raise StaleEvaluationError(
             f"{len(plan.changed)} step(s) of {run_dir} were evaluated with other settings than these:\n{listing}\n"
             "evaluate with their settings, or pass --force to evaluate them again with these (the old metrics.json "
@@ -98,9 +102,8 @@ def evaluate_run(
     from pipelines.train.checkpoints import saved_config
     from pipelines.train.tracking import RunLogger
 
-    checkpoints = run_checkpoints(run_dir)
     for step in plan.unlogged:
-        run_id, uri = evaluator.training_run(saved_config(checkpoints[step]))
+        run_id, uri = evaluator.training_run(saved_config(plan.checkpoints[step]))
         log_recorded(step_dir(run_dir, step), RunLogger(run_id, uri))
         log(f"step {step}: logged its earlier evaluation to MLflow run {run_id}")
     todo = [(file, step_dir(run_dir, step)) for step, file in plan.todo.items()]

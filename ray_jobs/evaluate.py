@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here, after the arguments are read: --help and a bad flag answer at once.
     import torch
 
-    from eval.evaluate import CheckpointEvaluator, check_cluster, format_metrics
+    from eval.evaluate import CheckpointEvaluator, check_cluster, format_metrics, run_checkpoints
     from eval.runs import evaluate_run, plan_run
     from eval.scoring import check_weights
     from modeling.pretrained.codec import codec_file
@@ -85,9 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             checkpoints = [find_checkpoint(target, args.pick)]
             plan = None
         else:
-            from eval.evaluate import run_checkpoints
-
-            checkpoints = list(run_checkpoints(target).values())
+            found = run_checkpoints(target)
+            checkpoints = list(found.values())
             if not checkpoints:
                 raise FileNotFoundError(f"no checkpoint (model.pt) in {str(target)!r} or below")
         configs = [saved_config(c) for c in checkpoints]
@@ -112,20 +111,22 @@ def main(argv: list[str] | None = None) -> int:
         uri = resolve_tracking_uri(cfg) if cfg else None  # None: each checkpoint's config (and $MLFLOW_TRACKING_URI)
         if uri:
             check_store_exists(uri)  # the store --config names: where the training runs should be
-        for store in sorted({resolve_tracking_uri(c) for c in configs} if not uri else set()):
-            try:
-                check_store_exists(store)
-            except FileNotFoundError:  # trained on another machine: evaluate anyway, log when the store is given
-                print(
-                    f"note: no MLflow store at {store}, where the checkpoints were trained: metrics.json only; to log "
-                    "to the training run, pass --config with mlflow.tracking_uri (a later --run logs such steps)",
-                    file=sys.stderr,
-                )
+        else:
+            for store in sorted({resolve_tracking_uri(c) for c in configs}):
+                try:
+                    check_store_exists(store)
+                except FileNotFoundError:  # trained on another machine: evaluate anyway, log when the store is given
+                    print(
+                        f"note: no MLflow store at {store}, where the checkpoints were trained: metrics.json only; to "
+                        "log to the training run, pass --config with mlflow.tracking_uri (a later --run logs such "
+                        "steps)",
+                        file=sys.stderr,
+                    )
         evaluator = CheckpointEvaluator(e, set_dir, overrides, device, uri)
         for c in configs:
             evaluator.generation(c)  # --cfg and --batch-size checked against each checkpoint's settings
         if args.run:
-            plan = plan_run(evaluator, target, force=args.force)
+            plan = plan_run(evaluator, target, force=args.force, checkpoints=found)
     except (ConfigError, MissingWeightsError, FileNotFoundError, ValueError) as err:
         return fail(PROG, err)
 

@@ -56,7 +56,6 @@ from pipelines.preprocess.tokens import (
     SplitRule,
     finished_track_ids,
     part_name,
-    read_parts,
     read_unique,
     rejects_table,
     write_part,
@@ -158,9 +157,9 @@ def split_rule(data: DataConfig) -> SplitRule:
     return SplitRule(data.split, data.val_fraction, data.seed, val_ids)
 
 
-def check_split(tokens_dir: str, rule: SplitRule) -> None:
+def check_split(tokens_dir: str, rule: SplitRule) -> set[str]:
     """Refuse to add to a token table whose rows were split by other settings: the split is stored per row, and a
-    rerun only writes the unfinished tracks, so the two rules would silently mix."""
+    rerun only writes the unfinished tracks, so the two rules would silently mix. Returns the table's track ids."""
     on_disk, _ = read_unique(tokens_dir, TOKENS_KEY, TOKENS_SCHEMA, ["track_id", "artist_id", "split"])
     moved = [
         (t, s)
@@ -174,6 +173,7 @@ def check_split(tokens_dir: str, rule: SplitRule) -> None:
             f"({track} is in {stored!r}): data.split, data.split_file, data.val_fraction or data.seed changed since "
             f"they were written; restore them, or delete {tokens_dir} to redo the kept tracks (rejects stay valid)"
         )
+    return set(on_disk.column("track_id").to_pylist())
 
 
 # The settings a kept track's row (its clip, caption, codes, text features) or a track's verdict depends on. A rerun
@@ -213,11 +213,11 @@ def check_settings(cfg: ExperimentConfig) -> None:
         atomic_write(d / SETTINGS_FILE, lambda tmp: tmp.write_text(json.dumps(wanted, indent=1) + "\n"))
 
 
-def check_exclusion(tokens_dir: str, excluded: set[str]) -> None:
-    """Refuse to add to a token table that holds tracks the exclusion list names: an earlier run without it kept them,
-    and a rerun skips finished tracks, so they would stay in training (the eval set's tracks, leaked)."""
-    on_disk = read_parts(tokens_dir, ["track_id"], TOKENS_SCHEMA).column("track_id").to_pylist()
-    leaked = sorted(excluded.intersection(on_disk))
+def check_exclusion(tokens_dir: str, kept: set[str], excluded: set[str]) -> None:
+    """Refuse to add to a token table (its track ids: `kept`) that holds tracks the exclusion list names: an earlier
+    run without it kept them, and a rerun skips finished tracks, so they would stay in training (the eval set's
+    tracks, leaked)."""
+    leaked = sorted(excluded & kept)
     if leaked:
         raise ConfigError(
             f"{len(leaked)} track(s) of preprocess.exclude_csv have token rows in {tokens_dir} (e.g. "
@@ -245,7 +245,7 @@ def run_preprocess(
             raise ConfigError(f"preprocess.caption_file: {e}") from None
     tokens_dir, rejects_dir = cfg.data.tokens_dir, p.rejects_dir
     split = split_rule(cfg.data)
-    check_split(tokens_dir, split)
+    kept = check_split(tokens_dir, split)
     check_settings(cfg)
 
     tracks, rejects = read_metadata(p.metadata_tsv)
@@ -255,7 +255,7 @@ def run_preprocess(
             excluded = read_excluded_ids(p.exclude_csv)
         except ValueError as e:
             raise ConfigError(f"preprocess.exclude_csv: {e}") from None
-        check_exclusion(tokens_dir, excluded)
+        check_exclusion(tokens_dir, kept, excluded)
         kept_tracks = []
         for t in tracks:
             if t.track_id in excluded:
