@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Mapping
@@ -390,6 +391,8 @@ class EvalConfig(Section):
         self._require("gpus_per_actor", self.gpus_per_actor >= 0.0, ">= 0")
 
 
+# `tune.space` combinations checked together before Ray starts (a config built each: ~0.1 ms); past that, trials do.
+MAX_CHECKED_COMBINATIONS = 4096
 # The distributions of `tune.space`, as Ray Tune names them; each value is a list: [name, arguments...].
 SPACE_DISTRIBUTIONS = {
     "choice": "[choice, v1, v2, ...]: one of the values, uniformly",
@@ -511,6 +514,11 @@ class ExperimentConfig(Section):
         self._require("name", bool(self.name.strip()), "non-empty")
         self.check_space()
 
+    @property
+    def run_dir(self) -> Path:
+        """The folder the training run (or the sweep) of this name writes: checkpoints, best/, config.yaml, eval/."""
+        return Path(self.train.storage_path) / self.name
+
     def check_space(self) -> None:
         """Every key of `tune.space` exists (and is not of the tune section), and every value its distribution can
         give makes a valid config: a misspelt key or an out-of-range value fails here, before Ray starts."""
@@ -540,6 +548,28 @@ class ExperimentConfig(Section):
                     ExperimentConfig.from_dict(d)
                 except ConfigError as e:
                     raise ConfigError(f"tune.space[{key!r}] = {spec!r} can give {key} = {value!r}: {e}") from None
+        self._check_combinations(base)
+
+    def _check_combinations(self, base: dict[str, Any]) -> None:
+        """Values of several keys that are valid alone can clash (`model.expand * model.d_model` must divide by
+        `model.headdim`): every combination of the keys' candidate values makes a valid config, checked when there
+        are at most MAX_CHECKED_COMBINATIONS (a trial that draws a clash otherwise fails with the message)."""
+        keys = list(self.tune.space)
+        candidates = [self.tune.candidate_values(key) for key in keys]
+        if len(keys) < 2 or math.prod(map(len, candidates)) > MAX_CHECKED_COMBINATIONS:
+            return
+        for values in itertools.product(*candidates):
+            d = copy.deepcopy(base)
+            for key, value in zip(keys, values, strict=True):
+                section, name = key.split(".")
+                d[section][name] = value
+            try:
+                ExperimentConfig.from_dict(d)
+            except ConfigError as e:
+                drawn = ", ".join(f"{key} = {value!r}" for key, value in zip(keys, values, strict=True))
+                raise ConfigError(
+                    f"tune.space can give {drawn} together: {e}; narrow the space so that no trial draws this"
+                ) from None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> ExperimentConfig:

@@ -53,18 +53,13 @@ class Evaluation:
     seconds: dict[str, float]
 
 
-def run_dir_of(cfg: ExperimentConfig) -> Path:
-    """The folder a training run writes (checkpoints, best/, config.yaml): storage_path / name."""
-    return Path(cfg.train.storage_path) / cfg.name
-
-
 def run_folder(checkpoint: Path, cfg: ExperimentConfig) -> Path:
     """The run folder a checkpoint file sits in (the nearest folder above it with the run's config.yaml, so a
     run copied elsewhere still works), else the one its config names."""
     for parent in Path(checkpoint).resolve().parents:
         if (parent / "config.yaml").is_file():
             return parent
-    return run_dir_of(cfg)
+    return cfg.run_dir
 
 
 def artifact_dir(step: int) -> str:
@@ -184,7 +179,7 @@ def find_training_run(cfg: ExperimentConfig, uri: str) -> str | None:
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is None:
         return None
-    found = find_run(client, exp.experiment_id, cfg.name, run_dir_of(cfg))
+    found = find_run(client, exp.experiment_id, cfg.name, cfg.run_dir)
     return found.info.run_id if found else None
 
 

@@ -76,6 +76,17 @@ def resolve_path_or_id(value: str) -> str:
     return str(path) if path.exists() else value
 
 
+def portable_path(value: str) -> str:
+    """`value` relative to the project root ($SIMBA_TTM_ROOT, else the working directory) when it is an absolute path
+    inside it, else as it is (a path elsewhere, a model id): how a recorded setting names a file, so a project moved
+    whole, its models inside, still names the same ones."""
+    if not value or not Path(value).is_absolute():
+        return value
+    root = (project_root() or Path.cwd()).resolve()
+    path = Path(value)
+    return str(path.relative_to(root)) if path.is_relative_to(root) else value
+
+
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """Every path of `cfg` made absolute (`resolve_path`): Ray workers run in their own directories."""
     d = cfg.to_dict()

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rejects:     {p.rejects_dir}")
     print(f"checkpoints: {cfg.train.storage_path}")
     print(f"audio:       {out_dir}")
-    evaluated = [Path(o.config.train.storage_path) / o.config.name / "eval" for o in results.values()]
+    evaluated = [o.config.run_dir / "eval" for o in results.values()]
     print(f"evaluation:  {', '.join(map(str, evaluated))}")
     print(f"figures:     {out_dir / 'figure3' / 'figure3.png'}, {out_dir / 'codebooks' / 'codebooks.png'}")
     print(f"MLflow runs: {', '.join(o.run_id for o in results.values())}")
@@ -227,7 +227,7 @@ def _evaluate(results: dict, cfg) -> None:
     evaluator = CheckpointEvaluator(cfg.eval, Path(cfg.eval.set_dir), {}, "cpu")
     todo, archs = [], []
     for arch, out in results.items():
-        run_dir = Path(out.config.train.storage_path) / out.config.name
+        run_dir = out.config.run_dir
         for step, file in run_checkpoints(run_dir).items():
             todo.append((file, step_dir(run_dir, step)))
             archs.append(arch)

@@ -29,7 +29,7 @@ from modeling.pretrained.codec import load_codec
 from modeling.pretrained.separator import load_separator
 from modeling.pretrained.text_encoder import TextEncoder
 from pipelines.files import atomic_write
-from pipelines.paths import absolute_paths
+from pipelines.paths import PATH_KEYS, PATH_OR_ID_KEYS, absolute_paths, portable_path
 from pipelines.preprocess.captioning import (
     caption_cache_dir,
     compact_cache,
@@ -184,6 +184,13 @@ OUTPUT_SETTINGS = (
     "caption_max_new_tokens", "caption_candidates", "vocal_words", "codec", "text_encoder", "text_max_length",
 )  # fmt: skip
 SETTINGS_FILE = "_preprocess_settings.json"  # in both output folders; readers take only part-*.parquet
+# The ones that may name a file: recorded relative to the project root (`portable_path`), so moving the project
+# (tokens, rejects and models together) does not count as a change.
+_PATH_SETTINGS = {f"preprocess.{k}" for k in (*PATH_KEYS["preprocess"], *PATH_OR_ID_KEYS["preprocess"])}
+
+
+def _recorded_form(settings: dict) -> dict:
+    return {k: portable_path(v) if k in _PATH_SETTINGS and isinstance(v, str) else v for k, v in settings.items()}
 
 
 def check_settings(cfg: ExperimentConfig) -> None:
@@ -194,12 +201,12 @@ def check_settings(cfg: ExperimentConfig) -> None:
     from configs import changes
 
     p = cfg.preprocess
-    wanted = {f"preprocess.{k}": getattr(p, k) for k in OUTPUT_SETTINGS}
+    wanted = _recorded_form({f"preprocess.{k}": getattr(p, k) for k in OUTPUT_SETTINGS})
     folders = [Path(cfg.data.tokens_dir), Path(p.rejects_dir)]
     written = any(next(d.glob(PART_GLOB), None) is not None for d in folders)
     records = [d / SETTINGS_FILE for d in folders if (d / SETTINGS_FILE).is_file()]
     if written and records:
-        changed = changes(json.loads(records[0].read_text()), wanted)
+        changed = changes(_recorded_form(json.loads(records[0].read_text())), wanted)  # (an older record: absolute)
         if changed:
             raise ConfigError(
                 f"the output in {cfg.data.tokens_dir} and {p.rejects_dir} was made with other settings; a rerun only "

@@ -49,9 +49,8 @@ def check_before_ray(cfg: ExperimentConfig, local_mode: bool = False) -> tuple[i
         )
     if cfg.train.eval_every > 0:
         check_periodic_evaluation(cfg)
-    run_dir = Path(cfg.train.storage_path) / cfg.name
-    if has_checkpoint(run_dir):
-        check_resumable(cfg, run_dir, local_mode)
+    if has_checkpoint(cfg.run_dir):
+        check_resumable(cfg, cfg.run_dir, local_mode)
     return n_train, n_val
 
 
@@ -137,9 +136,8 @@ def run_training(cfg: ExperimentConfig, *, local_mode: bool = False) -> Training
     # The store as resolved here goes into config.yaml and every checkpoint: `simba-ttm evaluate` finds the run
     # from anywhere, rather than resolving an unset or relative URI against its own working directory.
     cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=uri))
-    storage = cfg.train.storage_path
+    storage, run_dir = cfg.train.storage_path, cfg.run_dir
     Path(storage).mkdir(parents=True, exist_ok=True)
-    run_dir = Path(storage) / cfg.name
     resume = has_checkpoint(run_dir)  # else a new MLflow run: a deleted run folder starts a new history
     resolved = cfg.dump_yaml(run_dir / "config.yaml")
     run_id = start_or_resume_run(cfg, str(run_dir), uri, config_yaml=resolved, resume=resume)
@@ -150,7 +148,7 @@ def run_training(cfg: ExperimentConfig, *, local_mode: bool = False) -> Training
             "experiment": cfg.to_dict(),
             "run_id": run_id,
             "tracking_uri": uri,
-            "run_dir": str(Path(storage) / cfg.name),  # where best/ (and local-mode checkpoints) go
+            "run_dir": str(run_dir),  # where best/ (and local-mode checkpoints) go
             "local_mode": local_mode,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=0 if local_mode else cfg.train.num_workers, use_gpu=use_gpu),

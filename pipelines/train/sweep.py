@@ -152,10 +152,6 @@ class SweepOutcome:
     path: Path  # the sweep's folder (Tune's experiment folder)
 
 
-def sweep_dir(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.train.storage_path) / cfg.name
-
-
 def check_sweep(cfg: ExperimentConfig, resume: bool) -> None:
     """What can be known before Ray starts: a space to search, a metric the trials report, data, the folder."""
     from ray import tune
@@ -178,7 +174,7 @@ def check_sweep(cfg: ExperimentConfig, resume: bool) -> None:
             f"tune.grace_period ({tc.grace_period}) exceeds train.max_steps ({cfg.train.max_steps}): "
             "ASHA could stop nothing"
         )
-    path = sweep_dir(cfg)
+    path = cfg.run_dir
     exists = tune.Tuner.can_restore(str(path)) if path.exists() else False
     if resume and not exists:
         raise ConfigError(f"nothing to resume: no sweep in {path} (train.storage_path / name)")
@@ -218,7 +214,7 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepOutcome:
             )
 
     uri = resolve_tracking_uri(cfg)
-    path = sweep_dir(cfg)
+    path = cfg.run_dir
     path.mkdir(parents=True, exist_ok=True)
     resolved = cfg.dump_yaml(path / "config.yaml")
     # Not resuming, the folder held no sweep (check_sweep): a new parent run, as a training in a deleted folder gets.

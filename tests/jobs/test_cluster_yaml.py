@@ -47,6 +47,12 @@ def ray_schema() -> dict:
     return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
 
 
+def locked_versions(names: list[str]) -> dict[str, str]:
+    """The versions uv.lock resolved for these packages."""
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    return {p["name"]: p["version"] for p in lock["package"] if p["name"] in names}
+
+
 def commands(cfg: dict, key: str) -> str:
     return "\n".join(cfg.get(key) or [])
 
@@ -145,8 +151,13 @@ def test_head_installs_the_cuda_kernels_from_pyproject(config, pyproject):
     assert {re.split(r"[<>=!~ ]", s)[0] for s in specs} == {"mamba-ssm", "causal-conv1d"}
     install = next(c for c in config["head_setup_commands"] if "--no-build-isolation" in c)
     assert "uv pip install --no-build-isolation" in install
-    for spec in specs:  # the same requirements as the `cuda` extra, so the two cannot drift apart
-        assert f'"{spec}"' in install, f"{spec} (pyproject's cuda extra) is not installed on the head"
+    locked = locked_versions(["mamba-ssm", "causal-conv1d"])
+    assert len(locked) == 2, locked
+    for name, version in locked.items():
+        # the `cuda` extra at uv.lock's versions (the ones tested), so a relock cannot drift from what the box builds
+        assert f'"{name}=={version}"' in install, f"{name} is not installed at uv.lock's {version} on the head"
+        for doc in ("README.md", "docs/cluster.md"):  # the commands people copy say the same
+            assert f'"{name}=={version}"' in (ROOT / doc).read_text(), f"{doc} does not install {name}=={version}"
     # Without build isolation the build tools must already be in the environment.
     assert head.index("setuptools") < head.index("--no-build-isolation")
     # CPU workers never build CUDA code.

@@ -253,3 +253,41 @@ def test_settings_recorded_by_a_run_that_wrote_nothing_are_replaced(first_run, t
     check_settings(ExperimentConfig.from_dict(d))  # nothing written under the first: replaced
     for folder in ("tokens", "rejects"):  # kept in both: deleting the tokens to redo the kept tracks keeps it
         assert json.loads((tmp_path / folder / SETTINGS_FILE).read_text())["preprocess.clip_seconds"] == 10.0
+
+
+def test_a_project_moved_whole_still_matches_its_settings(first_run, tmp_path, monkeypatch):
+    """Model files inside the project are recorded relative to its root: moving the project (another disk, another
+    checkout) is not a change of settings, while another model file still is."""
+    import shutil
+
+    from pipelines.paths import ROOT_ENV, absolute_paths
+    from pipelines.preprocess.graph import SETTINGS_FILE, check_settings
+
+    cfg = first_run[0]
+    old, new = tmp_path / "old", tmp_path / "moved"
+    (old / "models").mkdir(parents=True)
+    shutil.copytree(cfg.data.tokens_dir, old / "tokens")  # real parts: the record is compared, not replaced
+    shutil.copytree(cfg.preprocess.rejects_dir, old / "rejects")
+    for name in ("codec.pth", "other_codec.pth"):
+        shutil.copy(cfg.preprocess.codec, old / "models" / name)
+    for folder in ("tokens", "rejects"):  # the first run's record names its codec: made again for this project
+        (old / folder / SETTINGS_FILE).unlink()
+    d = cfg.to_dict()
+    d["data"]["tokens_dir"], d["preprocess"]["rejects_dir"] = "tokens", "rejects"
+    d["preprocess"]["codec"] = "models/codec.pth"
+    monkeypatch.setenv(ROOT_ENV, str(old))
+    check_settings(absolute_paths(ExperimentConfig.from_dict(d)))
+    assert json.loads((old / "tokens" / SETTINGS_FILE).read_text())["preprocess.codec"] == "models/codec.pth"
+
+    old.rename(new)
+    monkeypatch.setenv(ROOT_ENV, str(new))
+    check_settings(absolute_paths(ExperimentConfig.from_dict(d)))  # the same settings, moved
+
+    record = new / "tokens" / SETTINGS_FILE  # an earlier version recorded absolute paths: still the same file
+    recorded = json.loads(record.read_text())
+    record.write_text(json.dumps({**recorded, "preprocess.codec": str(new / "models" / "codec.pth")}))
+    check_settings(absolute_paths(ExperimentConfig.from_dict(d)))
+
+    d["preprocess"]["codec"] = "models/other_codec.pth"
+    with pytest.raises(ConfigError, match=r"preprocess.codec: 'models/codec.pth' -> 'models/other_codec.pth'"):
+        check_settings(absolute_paths(ExperimentConfig.from_dict(d)))
