@@ -81,6 +81,9 @@ def build_files(root: Path, n_tracks: int, n_wav48: int, n_stereo: int = 0) -> l
     manifest_path = root / "corpus.json"
     if manifest_path.is_file() and len(CorpusManifest.load(root).tracks) == n_tracks:
         manifest = CorpusManifest.load(root)
+    elif manifest_path.is_file():  # its WAV and stereo copies would be reused too: a mix of two corpora
+        sys.exit(f"--corpus {root} holds a corpus of {len(CorpusManifest.load(root).tracks)} tracks, not --tracks "
+                 f"{n_tracks}: delete it or choose another --corpus")  # fmt: skip
     else:
         manifest = make_corpus(root, n_tracks, seed=0, progress=False, workers=min(2, os.cpu_count() or 1))
     mp3s = [manifest.audio_path(t) for t in manifest.ids()]

@@ -1,7 +1,8 @@
 """`simba-ttm make-corpus --out DIR --tracks N [--bad] [--seed S]`: a small synthesized MTG-Jamendo-format corpus.
 
 Writes DIR/raw_30s_cleantags_50artists.tsv, DIR/audio/NN/ID.mp3, DIR/song_describer.csv, DIR/captions.jsonl
-and DIR/corpus.json (each track's kind). With --bad, one example of every bad input is added.
+and DIR/corpus.json (each track's kind). With --bad, one example of every bad input is added. A DIR that already
+holds a corpus is refused: the two would mix.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import os
 import sys
 
 from pipelines.paths import check_job_paths, resolve_path
-from pipelines.preprocess.corpus.writer import make_corpus
+from pipelines.preprocess.corpus.writer import CorpusExistsError, make_corpus
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="simba-ttm make-corpus", description=__doc__)
-    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--out", required=True, help="output folder (created if missing; not one holding a corpus)")
     parser.add_argument("--tracks", type=int, required=True, help="number of music tracks (bad inputs come on top)")
     parser.add_argument("--bad", action="store_true", help="add one corrupt/empty/missing/NaN/short/malformed/"
                         "uncaptioned example each")  # fmt: skip
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
             max_seconds=args.max_seconds,
             workers=args.workers,
         )
+    except (CorpusExistsError, NotADirectoryError) as err:  # checked before anything is written
+        print(f"simba-ttm make-corpus: --out {err}", file=sys.stderr)
+        return 2
     except ValueError as err:  # a ConfigError from check_job_paths too
         print(f"simba-ttm make-corpus: {err}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -251,4 +252,30 @@ def test_main_end_to_end(tmp_path, capsys):
     serial = writer.make_corpus(tmp_path / "serial", 2, seed=4, min_seconds=30, max_seconds=30, progress=False)
     for track_id in serial.ids():
         assert np.array_equal(sf.read(serial.audio_path(track_id))[0], sf.read(manifest.audio_path(track_id))[0])
-    assert main(["--out", str(out), "--tracks", "2", "--min-seconds", "10"]) == 2
+    assert main(["--out", str(tmp_path / "short"), "--tracks", "2", "--min-seconds", "10"]) == 2
+    assert "min_seconds" in capsys.readouterr().err
+
+
+def test_a_folder_holding_a_corpus_or_a_file_is_refused_before_anything_is_written(corpus, tmp_path, capsys):
+    """Writing into an earlier corpus would overwrite its files of the same name and leave the others: preprocessing
+    would read a mix of the two. Either of its text files marks a corpus."""
+    argv = ["--tracks", "1", "--min-seconds", "30", "--max-seconds", "30", "--workers", "1"]
+    for name in (writer.TSV_NAME, writer.MANIFEST_NAME):
+        old = tmp_path / name.replace(".", "_")
+        old.mkdir()
+        shutil.copy(corpus.root / name, old / name)
+        assert main(["--out", str(old), *argv]) == 2
+        err = capsys.readouterr().err
+        print(err)
+        assert err.count("\n") == 1 and err.startswith(f"simba-ttm make-corpus: --out {old} already holds a corpus")
+        assert f"of {len(corpus.tracks)} tracks" in err and "delete the folder, or choose another" in err
+        with pytest.raises(writer.CorpusExistsError, match=name):  # library callers too
+            writer.make_corpus(old, 1, progress=False, **SHORT)
+        assert [p.name for p in old.iterdir()] == [name]
+    readme = tmp_path / "README.md"
+    readme.write_text("not a folder\n")
+    for out, says in ((readme, "is a file, not a folder"), (readme / "corpus", f"lies under a file, {readme}")):
+        assert main(["--out", str(out), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err == f"simba-ttm make-corpus: --out {out} {says}\n"
+    assert readme.read_text() == "not a folder\n"

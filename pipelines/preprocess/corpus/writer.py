@@ -244,6 +244,36 @@ def write_track(spec: TrackSpec, audio_dir: Path) -> None:
         sf.write(path, synthesize(spec), SR, format="MP3")
 
 
+class CorpusExistsError(FileExistsError):
+    """The output folder already holds a corpus: files of the same name would be overwritten and the others left,
+    and preprocessing would read a mix of the two corpora."""
+
+
+def check_corpus_folder(root: Path) -> None:
+    """Refuse a folder that holds a corpus (its metadata TSV or corpus.json; CorpusExistsError) or a path that is,
+    or lies under, a file (NotADirectoryError)."""
+    existing = next(p for p in (root, *root.parents) if p.exists())  # a relative path's last parent is "."
+    if existing == root and not root.is_dir():
+        raise NotADirectoryError(f"{root} is a file, not a folder")
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{root} lies under a file, {existing}")
+    marks = [root / name for name in (TSV_NAME, MANIFEST_NAME) if (root / name).is_file()]
+    if not marks:
+        return
+    try:
+        if marks[0].name == TSV_NAME:  # one row per track after the header
+            lines = marks[0].read_text(encoding="utf-8", errors="replace").splitlines()[1:]
+            count = f" of {sum(1 for line in lines if line.strip())} tracks"
+        else:
+            count = f" of {len(json.loads(marks[0].read_text(encoding='utf-8'))['tracks'])} tracks"
+    except (ValueError, KeyError, TypeError):  # unreadable: still a corpus
+        count = ""
+    raise CorpusExistsError(
+        f"{root} already holds a corpus{count} ({', '.join(m.name for m in marks)}); a new one written into it would "
+        "mix with its files: delete the folder, or choose another folder"
+    )
+
+
 def make_corpus(
     out_dir: str | Path,
     n_tracks: int,
@@ -259,16 +289,18 @@ def make_corpus(
     """Write a corpus of n_tracks music tracks (+ one of each bad input with bad=True) under out_dir.
 
     Durations are drawn from [min_seconds, max_seconds] (min_seconds >= 30, so that every music track has
-    a full clip). Files already in out_dir are overwritten, others are left alone. Returns the manifest
+    a full clip). A folder that already holds a corpus is refused (CorpusExistsError, before anything is written):
+    its files would be overwritten or left, a mix of two corpora. Returns the manifest
     that is also written to out_dir/corpus.json. With workers > 1, tracks are rendered and encoded in that
     many spawned processes (MP3 encoding dominates; the files do not depend on the number of workers).
     `sdd_tracks`: how many tracks are Song Describer ones (held out of training, the eval set's audio);
     None: about 10%.
     """
+    root = Path(out_dir)
+    check_corpus_folder(root)
     specs = plan_corpus(
         n_tracks, bad=bad, seed=seed, min_seconds=min_seconds, max_seconds=max_seconds, sdd_tracks=sdd_tracks
     )
-    root = Path(out_dir)
     audio_dir = root / AUDIO_DIR
     audio_dir.mkdir(parents=True, exist_ok=True)
     pool = None
