@@ -79,6 +79,7 @@ class PreprocessSummary:
     audio_bytes_select: int = 0  # clip selection -> DAC encoder (the kept clips, mono float32)
     audio_mb_per_kept_clip: float = 0.0  # (decode + select) / kept, in MB (1e6 bytes); 0 when none was kept
     selector_decodes: int = 0  # tracks whose first clip was rejected, so selection decoded the track again
+    notes: list[str] = field(default_factory=list)  # worth knowing, not wrong: printed last
 
     def table(self) -> str:
         lines = [
@@ -95,6 +96,7 @@ class PreprocessSummary:
         )
         lines.append(f"tracks decoded again    {self.selector_decodes}  (by selection: first clip rejected)")
         lines.append(f"wall time               {self.seconds:.1f} s")
+        lines += [f"NOTE: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -233,6 +235,19 @@ def check_exclusion(tokens_dir: str, kept: set[str], excluded: set[str]) -> None
         )
 
 
+def unlisted_rows_note(tokens_dir: str, kept: set[str], listed: set[str]) -> str | None:
+    """A note when the token table (its track ids: `kept`) holds rows of tracks the metadata TSV does not list
+    (`listed`): an earlier corpus's, or another shard's of the same dataset. Training reads them all."""
+    unlisted = sorted(kept - listed)
+    if not unlisted:
+        return None
+    return (
+        f"{len(unlisted)} token row(s) in {tokens_dir} are of tracks not in preprocess.metadata_tsv (e.g. "
+        f"{', '.join(unlisted[:3])}): another shard's or an earlier corpus's; training reads every row of "
+        "data.tokens_dir"
+    )
+
+
 def run_preprocess(
     cfg: ExperimentConfig, *, check_pretrained: bool = True, address: str | None = None
 ) -> PreprocessSummary:
@@ -257,6 +272,8 @@ def run_preprocess(
 
     tracks, rejects = read_metadata(p.metadata_tsv)
     summary = PreprocessSummary(tracks_in_metadata=len(tracks) + len(rejects))
+    if note := unlisted_rows_note(tokens_dir, kept, {t.track_id for t in (*tracks, *rejects)}):
+        summary.notes.append(note)
     if p.exclude_csv:
         try:
             excluded = read_excluded_ids(p.exclude_csv)

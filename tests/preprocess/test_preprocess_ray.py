@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def test_every_track_has_exactly_its_expected_outcome(first_run, corpus):
     assert summary.totals["token rows"] == kept
     assert summary.totals["duplicates ignored"] == 0
     assert summary.tracks_in_metadata == len(corpus.tracks)
+    assert summary.notes == []
 
 
 def test_reasons_name_the_problem(first_run, corpus):
@@ -167,6 +169,28 @@ def test_a_lost_part_is_redone_with_the_same_clip(first_run):
         assert after[track_id]["clip_start"] == row["clip_start"]
         assert after[track_id]["codes"] == row["codes"]
         assert after[track_id]["caption"] == row["caption"]
+
+
+def test_token_rows_of_tracks_the_metadata_does_not_list_are_a_note(first_run, tmp_path):
+    """Token rows of tracks outside the metadata TSV (an earlier corpus's, another shard's) are read by training:
+    said in the summary, not refused (several TSV shards into one token table is legitimate)."""
+    cfg, _ = first_run
+    out = {name: tmp_path / name for name in ("tokens", "rejects")}
+    shutil.copytree(cfg.data.tokens_dir, out["tokens"])
+    shutil.copytree(cfg.preprocess.rejects_dir, out["rejects"])
+    kept = sorted(set(read_parts(cfg.data.tokens_dir, ["track_id"]).column("track_id").to_pylist()))
+    header, *rows = Path(cfg.preprocess.metadata_tsv).read_text().splitlines(keepends=True)
+    shard = tmp_path / "shard.tsv"  # the same corpus without the kept tracks' rows
+    shard.write_text(header + "".join(r for r in rows if r.split("\t", 1)[0] not in kept))
+    d = cfg.to_dict()
+    d["preprocess"].update(metadata_tsv=str(shard), rejects_dir=str(out["rejects"]))
+    d["data"]["tokens_dir"] = str(out["tokens"])
+    summary = run_preprocess(ExperimentConfig.from_dict(d), check_pretrained=False)  # all done: no Ray
+    assert summary.processed == 0 and summary.totals["token rows"] == len(kept)
+    note = summary.table().splitlines()[-1]
+    print(note)
+    assert note.startswith(f"NOTE: {len(kept)} token row(s) in {out['tokens']} are of tracks not in preprocess.")
+    assert kept[0] in note and "training reads every row of data.tokens_dir" in note
 
 
 def test_missing_weights_fail_before_reading_data(corpus, tiny_pretrained, tmp_path):
