@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="the first N captions (default: eval.limit)")
     parser.add_argument("--out", default="outputs/codebooks", help="output folder (default: %(default)s)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow flags
     if args.limit is not None and args.limit < 1:
         return fail(PROG, f"--limit must be >= 1, got {args.limit}")
     try:

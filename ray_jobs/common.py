@@ -31,7 +31,9 @@ def add_config_args(
     address: bool = False,
 ) -> None:
     """`--config FILE` (required unless `config` gives a default, or `optional`: then the defaults, the paper's
-    setup), `key=value` overrides (`example` shows one) and, with `address`, `--address` of the Ray cluster."""
+    setup), `key=value` overrides (`example` shows one) and, with `address`, `--address` of the Ray cluster.
+    Parse with `parser.parse_intermixed_args`: `parse_args` takes the positional overrides in one run, so an
+    override after a later flag was an "unrecognized argument"."""
     default = f" (default: {config})" if config else " (default: the defaults, the paper's setup)" if optional else ""
     parser.add_argument(
         "--config",

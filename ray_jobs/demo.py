@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="outputs/demo", help="where generated audio goes")
     parser.add_argument("--timings", metavar="FILE", help="also write the stage breakdown to FILE as JSON")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow flags
     stages = Stages()
     try:
         cfg = load_config(args.config, args.overrides)

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder with --checkpoint (default: <run>/eval/step_NNNNNN)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="where generation runs (default: cuda if any)")
     parser.add_argument("--force", action="store_true", help="with --run: evaluate again steps evaluated otherwise")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow flags
     if args.overrides and not args.config:
         return fail(PROG, "key=value overrides need --config (without it the checkpoint's own config is used)")
     if args.run and (args.out or args.pick != "last"):

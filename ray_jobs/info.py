@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config (base, overrides applied) as YAML"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow flags
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as err:

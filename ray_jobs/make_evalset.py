@@ -20,7 +20,7 @@ PROG = "simba-ttm make-evalset"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     add_config_args(parser, "eval.set_dir=data/evalset", address=True)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow flags
     try:
         cfg = job_config(args, EVALSET_PATHS)
     except USAGE_ERRORS as err:

@@ -21,7 +21,7 @@ PROG = "simba-ttm preprocess"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     add_config_args(parser, "preprocess.codec_actors=2", address=True)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow flags
     try:
         cfg = job_config(args, PREPROCESS_PATHS)
     except USAGE_ERRORS as err:

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     add_config_args(parser, "model.arch=transformer", address=True)
     parser.add_argument("--local-mode", action="store_true", help="run the loop in this process (debugging)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow flags
     try:
         cfg = job_config(args, TRAIN_PATHS, tracking=True)
     except USAGE_ERRORS as err:

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     add_config_args(parser, "tune.num_samples=8 (the YAML needs a tune section: configs/tune.yaml)", address=True)
     parser.add_argument("--resume", action="store_true", help="continue the sweep of this name (Tuner.restore)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow flags
     try:
         cfg = job_config(args, TRAIN_PATHS, tracking=True)  # the search space is checked here, before Ray
     except USAGE_ERRORS as err:
