@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         "--print-config", action="store_true", help="print the resolved config (base, overrides applied) as YAML"
     )
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow flags
+    if args.text_len < 0:
+        return fail("simba-ttm info", f"--text-len is a caption length in T5 tokens, at least 0; got {args.text_len}")
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as err:

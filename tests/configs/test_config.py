@@ -434,6 +434,16 @@ def test_info_prints_the_resolved_config_and_rejects_bad_keys(capsys):
         assert says in next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("sequence length"))
 
 
+def test_info_refuses_a_negative_caption_length(capsys):
+    from ray_jobs import info
+
+    assert info.main(["--config", "debug", "--text-len", "-500"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "simba-ttm info: --text-len is a caption length in T5 tokens, at least 0; got -500\n"
+    assert captured.out == ""  # no FLOPs or memory computed from it
+    assert info.main(["--config", "debug", "--text-len", "0"]) == 0
+
+
 def test_interpolation_resolves_against_the_final_config(tmp_path):
     """A reference in a base follows what a child file or an override sets, as in Hydra: resolved once, last."""
     base = _write(tmp_path / "b.yaml", "base: debug\nmodel:\n  mlp_dim: ${model.d_model}\n")
