@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         out = resolve_path(args.out)
     except (ConfigError, FileNotFoundError) as err:
         return fail(PROG, err)
+    file = next(p for p in (out, *out.parents) if p.exists())  # the figure and the CSV are written into a folder
+    if not file.is_dir():
+        where = "is a file" if file == out else f"lies under a file, {file}"
+        return fail(PROG, f"--out {args.out} {where}: name a folder (created if missing)")
 
     # Imported here: --help and a bad flag or config answer without the seconds these imports take.
     from mlflow.tracking import MlflowClient

@@ -141,3 +141,14 @@ def test_an_unknown_run_is_a_clear_error(store, monkeypatch, capsys, tmp_path):
     assert job.main(["--runs", "demo-simba", "--out", str(tmp / "fig")]) == 2
     assert "no MLflow store" in capsys.readouterr().err
     assert not (tmp / "absent.db").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_in_one_line(store, monkeypatch, capsys, tmp_path):
+    uri, _, _ = store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    readme = tmp_path / "README.md"
+    readme.write_text("a file\n")
+    for out, says in ((readme, "is a file"), (readme / "fig", f"lies under a file, {readme}")):
+        assert job.main(["--runs", "demo-simba", "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"simba-ttm figure3: --out {out} {says}: name a folder (created if missing)\n"
+    assert readme.read_text() == "a file\n"
