@@ -19,6 +19,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from pipelines.preprocess.evalset import EvalSet, read_evalset
 EVAL_DIR = "eval"  # in a run folder: one step_NNNNNN/ per evaluated checkpoint
 METRICS_FILE = "metrics.json"
 N_EXAMPLES = 4  # clips per checkpoint with a spectrogram, logged to MLflow
+PROGRESS_SECONDS = 30.0  # generation's progress lines, at most this often
 MAX_CLIPS_PER_PASS = 2048  # generated clips held at once (10 s at 44.1 kHz: 3.6 GB in the object store)
 EVAL_CHECKPOINT_DIR = "eval_checkpoints"  # weights-only checkpoints kept for evaluation (train.eval_checkpoint_every)
 SAMPLING_KEYS = ("seconds", "top_k", "top_p", "temperature", "cfg_scale", "seed", "batch_size")  # in metrics.json
@@ -51,15 +53,6 @@ class Evaluation:
     out_dir: Path
     run_id: str | None
     seconds: dict[str, float]
-
-
-def run_folder(checkpoint: Path, cfg: ExperimentConfig) -> Path:
-    """The run folder a checkpoint file sits in (the nearest folder above it with the run's config.yaml, so a
-    run copied elsewhere still works), else the one its config names."""
-    for parent in Path(checkpoint).resolve().parents:
-        if (parent / "config.yaml").is_file():
-            return parent
-    return cfg.run_dir
 
 
 def artifact_dir(step: int) -> str:
@@ -79,36 +72,26 @@ def run_checkpoints(run_dir: str | Path) -> dict[int, Path]:
         FileNotFoundError when `run_dir` does not exist.
         ValueError when its checkpoints belong to several runs (a storage folder, a sweep's folder), listing them.
     """
-    from pipelines.train.checkpoints import BEST_DIR, MODEL_FILE, saved_config, saved_step
+    from pipelines.train.checkpoints import BEST_DIR, MODEL_FILE, check_one_run, saved_step
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
-    found: dict[int, Path] = {}
-    runs: dict[tuple[Path, str], int] = {}  # (run folder, run name) of each checkpoint: one expected
+    files = []
     for file in sorted(run_dir.rglob(MODEL_FILE), key=lambda f: f.stat().st_mtime):
         parts = file.relative_to(run_dir).parts
-        if any(p.startswith(".") for p in parts) or BEST_DIR in parts[:-1] or parts[0] == EVAL_DIR:
-            continue
-        found[saved_step(file)] = file
-        cfg = saved_config(file)
-        run = (run_folder(file, cfg), cfg.name)  # a sweep's trials share the sweep's config.yaml, not their name
-        runs[run] = runs.get(run, 0) + 1
-    if len(runs) > 1:
-        listing = "\n".join(
-            f"  {folder}: {name} ({count} checkpoints)" for (folder, name), count in sorted(runs.items())
-        )
-        raise ValueError(
-            f"{run_dir} holds the checkpoints of {len(runs)} runs; pass one run folder to --run:\n{listing}"
-        )
-    return dict(sorted(found.items()))
+        if not (any(p.startswith(".") for p in parts) or BEST_DIR in parts[:-1] or parts[0] == EVAL_DIR):
+            files.append(file)
+    check_one_run(run_dir, files, "pass one run folder to --run")
+    return dict(sorted({saved_step(file): file for file in files}.items()))  # oldest first: the newest file per step
 
 
 def _generate_shard(
     checkpoint: str, set_dir: str, limit: int | None, rows: list[int], overrides: dict, device: str, batch: int
-) -> np.ndarray:
-    """Ray task: clips for eval-set rows `rows` from one checkpoint, `batch` captions at a time. Batch b of the
-    whole set is sampled with seed `seed + b` however the rows are sharded (shards start at multiples of `batch`)."""
+) -> Iterator[np.ndarray]:
+    """Ray generator task: clips for eval-set rows `rows` from one checkpoint, yielded `batch` captions at a time
+    ((B, T) float32), so the driver sees progress. Batch b of the whole set is sampled with seed `seed + b` however
+    the rows are sharded (shards start at multiples of `batch`)."""
     from modeling.pretrained.codec import load_codec
     from pipelines.generation import generate_from_features, sampling_options
     from pipelines.train.checkpoints import load_model
@@ -123,19 +106,51 @@ def _generate_shard(
         )
     options = sampling_options(dataclasses.replace(cfg.generation, **overrides), cfg.data.frame_rate)
     options["batch_size"] = batch
-    options["seed"] += rows[0] // batch
-    captions = [evalset.captions[i] for i in rows]
-    samples = generate_from_features(
-        model, captions, lambda r: evalset.text_batch([rows[i] for i in r]), codec=codec, device=device, **options
-    )
-    return np.stack([s.audio for s in samples]).astype(np.float32)
+    seed = options.pop("seed")
+    for start in range(0, len(rows), batch):
+        part = rows[start : start + batch]
+        samples = generate_from_features(
+            model, [evalset.captions[i] for i in part], lambda r, part=part: evalset.text_batch([part[i] for i in r]),
+            codec=codec, device=device, seed=seed + part[0] // batch, **options,
+        )  # fmt: skip
+        yield np.stack([s.audio for s in samples]).astype(np.float32)
+
+
+def gather_generated(jobs: list[list], log=print, every: float = PROGRESS_SECONDS) -> list[np.ndarray]:
+    """The clips of each checkpoint's generator tasks (`launch_generation`), (n, T) per checkpoint in row order,
+    collected as batches arrive, with a line of progress at most every `every` seconds and at the end."""
+    import ray
+
+    parts: list[list[list[np.ndarray]]] = [[[] for _ in shards] for shards in jobs]
+    pending = {gen: (j, k) for j, shards in enumerate(jobs) for k, gen in enumerate(shards)}
+    total = sum(len(shards) for shards in jobs)  # (clip counts are known only as they arrive)
+    t0 = last = time.perf_counter()
+    clips = finished = 0
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for gen in ready:
+            j, k = pending[gen]
+            try:
+                batch = ray.get(next(gen))
+            except StopIteration:
+                del pending[gen]
+                finished += 1
+                continue
+            parts[j][k].append(batch)
+            clips += len(batch)
+        now = time.perf_counter()
+        if now - last >= every or not pending:
+            log(f"  {clips} clips generated, {finished}/{total} task(s) done ({now - t0:.0f} s)")
+            last = now
+    return [np.concatenate([b for shard in shards for b in shard]) for shards in parts]
 
 
 def launch_generation(
     checkpoint: Path, batch: int, n: int, e: EvalConfig, set_dir: Path, overrides: dict, device: str
 ) -> list:
-    """Start `e.generators` Ray tasks that generate one clip per caption of the first `n` eval-set rows, `batch`
-    captions at a time. Returns their object refs; `np.concatenate(ray.get(refs))` is (n, T) float32 at 44.1 kHz."""
+    """Start `e.generators` Ray generator tasks that generate one clip per caption of the first `n` eval-set rows,
+    `batch` captions at a time. Returns their generators (`gather_generated` collects them: (n, T) float32 at the
+    eval set's rate)."""
     import ray
 
     per_shard = -(-n // e.generators)
@@ -279,9 +294,12 @@ class CheckpointEvaluator:
         return self.evaluate([(Path(checkpoint), out_dir)])[0]
 
     def evaluate(self, checkpoints: list[tuple[Path, Path | None]], log=print) -> list[Evaluation]:
-        """Evaluate (checkpoint, output folder or None for `<run>/eval/step_NNNNNN`) pairs. Checkpoints are taken
-        in passes of at most MAX_CLIPS_PER_PASS clips: a pass generates for all its checkpoints at once (Ray runs
-        the tasks side by side) and scores all their clips in one actor pool (the models load once per pass)."""
+        """Evaluate (checkpoint, output folder or None for `<run>/eval/step_NNNNNN`) pairs. Only an evaluation into
+        its step's folder is logged to the training run: that folder's metrics.json is the record of what MLflow
+        holds at the step (`eval.runs.plan_run`), so one written elsewhere (`--out`) must not change it.
+        Checkpoints are taken in passes of at most MAX_CLIPS_PER_PASS clips: a pass generates for all its
+        checkpoints at once (Ray runs the tasks side by side) and scores all their clips in one actor pool (the
+        models load once per pass)."""
         per_pass = max(1, MAX_CLIPS_PER_PASS // max(len(self.evalset), 1))
         done = []
         for start in range(0, len(checkpoints), per_pass):
@@ -289,9 +307,7 @@ class CheckpointEvaluator:
         return done
 
     def _pass(self, checkpoints: list[tuple[Path, Path | None]], log) -> list[Evaluation]:
-        import ray
-
-        from pipelines.train.checkpoints import saved_config, saved_step
+        from pipelines.train.checkpoints import run_folder, saved_config, saved_step
 
         t0 = time.perf_counter()
         n, sr = len(self.evalset), self.evalset.sample_rate
@@ -303,7 +319,7 @@ class CheckpointEvaluator:
             out = Path(out) if out is not None else step_dir(run_folder(file, cfg), step)
             jobs.append((Path(file), out, step, cfg, generation, refs))
         log(f"generating {n} clips for each of {len(jobs)} checkpoint(s) (steps {', '.join(str(j[2]) for j in jobs)})")
-        audio = [np.concatenate(ray.get(refs)) for *_, refs in jobs]
+        audio = gather_generated([refs for *_, refs in jobs], log)
         seconds = {"generate": time.perf_counter() - t0}
 
         t0 = time.perf_counter()
@@ -320,7 +336,8 @@ class CheckpointEvaluator:
         results = []
         for (file, out, step, cfg, generation, _), clips, ev in zip(jobs, audio, evidence, strict=True):
             metrics = set_metrics(ev, self.references)
-            run_id, uri = self.training_run(cfg)
+            own = out.resolve() == step_dir(run_folder(file, cfg), step).resolve()
+            run_id, uri = self.training_run(cfg) if own else (None, "")
             logger = None
             if run_id is not None:
                 from pipelines.train.tracking import RunLogger

@@ -38,6 +38,7 @@ class Sample:
     tokens: np.ndarray  # (frames,) int64 codebook-0 ids in [0, 1024)
     audio: np.ndarray  # (frames * hop,) float32
     sample_rate: int
+    seed: int | None = None  # the seed of its batch (`generate_from_features`): with the settings, it reproduces it
     wav: Path | None = None
     png: Path | None = None
 
@@ -47,6 +48,7 @@ def _text_dim_name(dim: int) -> str:
 
 
 TextFeatures = Callable[[list[int]], tuple[np.ndarray, np.ndarray]]
+BatchDone = Callable[[list["Sample"]], None]
 
 
 def generate_audio(
@@ -97,6 +99,7 @@ def generate_from_features(
     batch_size: int = 4,
     compile: bool = False,
     device: str | torch.device = "cpu",
+    on_batch: BatchDone | None = None,
 ) -> list[Sample]:
     """Generate one clip per caption from text features computed beforehand (an eval set stores them).
 
@@ -112,6 +115,7 @@ def generate_from_features(
         top_k, top_p, temperature, cfg_scale: sampling, as in `TextToMusicLM.generate`.
         batch_size: captions per `generate` call.
         compile: decode with the compiled step (`modeling.compiled`; attention-free SiMBA only).
+        on_batch: called with each batch's samples as soon as they are decoded (to write them, show progress).
     Raises:
         ValueError when the features' width is not the model's.
     """
@@ -144,9 +148,15 @@ def generate_from_features(
         )  # (B, n_frames)
         tokens = tokens.cpu().numpy()
         # One clip at a time: decoding 30 s clips as a batch would multiply the codec's activation memory.
-        for row, toks in zip(rows, tokens, strict=True):
-            audio = decode_codebook0(codec, toks).astype(np.float32)  # (n_frames * hop,)
-            samples.append(Sample(captions[row], toks, audio, int(codec.sample_rate)))
+        batch = [
+            Sample(
+                captions[row], toks, decode_codebook0(codec, toks).astype(np.float32), int(codec.sample_rate), seed + b
+            )
+            for row, toks in zip(rows, tokens, strict=True)
+        ]
+        samples += batch
+        if on_batch is not None:
+            on_batch(batch)
     return samples
 
 
@@ -171,12 +181,16 @@ def slugify(text: str, max_len: int = 40) -> str:
     return slug[:max_len].rstrip("-") or "untitled"
 
 
-def write_samples(samples: list[Sample], out_dir: str | Path, prefix: str = "sample") -> list[Sample]:
-    """Write each sample as `{prefix}_{i:02d}_{slug}.wav` (16-bit PCM) and `.png` (spectrogram), plus an index.
+def write_samples(
+    samples: list[Sample], out_dir: str | Path, prefix: str = "sample", *, first: int = 0, about: dict | None = None
+) -> list[Sample]:
+    """Write each sample as `{prefix}_{i:02d}_{slug}.wav` (16-bit PCM) and `.png` (spectrogram), plus an index;
+    i counts from `first` (a later batch of the same call goes on numbering).
 
     Audio louder than full scale is scaled down to peak 1 (16-bit PCM would clip it); quieter audio is written
     as generated, so loudness stays comparable across samples. `prompts.json` in `out_dir` lists caption,
-    files and duration per sample; entries of other prefixes already there are kept.
+    files, duration and seed per sample, with `about`'s items (what made it: checkpoint, settings); entries of
+    other files already there are kept.
 
     Returns:
         the samples with `wav` and `png` set.
@@ -184,7 +198,7 @@ def write_samples(samples: list[Sample], out_dir: str | Path, prefix: str = "sam
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, entries = [], []
-    for i, sample in enumerate(samples):
+    for i, sample in enumerate(samples, start=first):
         stem = f"{prefix}_{i:02d}_{slugify(sample.caption)}"
         audio = np.nan_to_num(np.asarray(sample.audio, dtype=np.float32))
         peak = float(np.abs(audio).max()) if audio.size else 0.0
@@ -202,6 +216,8 @@ def write_samples(samples: list[Sample], out_dir: str | Path, prefix: str = "sam
                 "seconds": round(len(audio) / sample.sample_rate, 3),
                 "frames": len(sample.tokens),
                 "peak_normalised": peak > 1.0,
+                **({"seed": sample.seed} if sample.seed is not None else {}),
+                **(about or {}),
             }
         )
     index = out_dir / INDEX_FILE

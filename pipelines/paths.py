@@ -76,15 +76,32 @@ def resolve_path_or_id(value: str) -> str:
     return str(path) if path.exists() else value
 
 
-def portable_path(value: str) -> str:
-    """`value` relative to the project root ($SIMBA_TTM_ROOT, else the working directory) when it is an absolute path
-    inside it, else as it is (a path elsewhere, a model id): how a recorded setting names a file, so a project moved
-    whole, its models inside, still names the same ones."""
-    if not value or not Path(value).is_absolute():
-        return value
-    root = (project_root() or Path.cwd()).resolve()
+def folder_problem(path: Path) -> str | None:
+    """Why `path` cannot be used as a folder (created if missing): "is a file" or "lies under a file, F"; None
+    when it can."""
+    existing = next(p for p in (path, *path.parents) if p.exists())  # a relative path's last parent is "."
+    if existing.is_dir():
+        return None
+    return "is a file" if existing == path else f"lies under a file, {existing}"
+
+
+def check_output_folder(flag: str, path: str | Path | None) -> None:
+    """Raise ConfigError when the output folder `path` given by `flag` cannot be one (see `folder_problem`): said
+    before any work, rather than as a traceback when the results are written."""
+    problem = folder_problem(resolve_path(path)) if path else None
+    if problem:
+        raise ConfigError(f"{flag} {path} {problem}: name a folder (created if missing)")
+
+
+def root_dir() -> Path:
+    """Where relative paths resolve now: $SIMBA_TTM_ROOT, else the working directory (resolved)."""
+    return (project_root() or Path.cwd()).resolve()
+
+
+def inside(value: str, root: str | Path) -> str | None:
+    """`value` relative to `root` when it is an absolute path inside it, else None (elsewhere, or a model id)."""
     path = Path(value)
-    return str(path.relative_to(root)) if path.is_relative_to(root) else value
+    return str(path.relative_to(root)) if path.is_absolute() and path.is_relative_to(root) else None
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:

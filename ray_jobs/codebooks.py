@@ -22,7 +22,7 @@ import time
 
 from configs import ConfigError
 from modeling.pretrained.errors import MissingWeightsError
-from pipelines.paths import resolve_path
+from pipelines.paths import check_output_folder, resolve_path
 from ray_jobs.common import add_config_args, fail, job_config
 
 PROG = "simba-ttm codebooks"
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outputs = {"--evalset": args.evalset, "--out": args.out}
         cfg = job_config(args, () if args.evalset else ("eval.set_dir",), tracking=True, outputs=outputs)
+        check_output_folder("--out", args.out)
         evalset_dir = resolve_path(args.evalset) if args.evalset else resolve_path(cfg.eval.set_dir)
         out = resolve_path(args.out)
     except (ConfigError, FileNotFoundError) as err:

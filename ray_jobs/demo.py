@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 
 from configs import ConfigError, load_config
-from pipelines.paths import PREPROCESS_PATHS, TRAIN_PATHS, absolute_paths, check_job_paths, resolve_path
+from pipelines.paths import (
+    PREPROCESS_PATHS,
+    TRAIN_PATHS,
+    absolute_paths,
+    check_job_paths,
+    check_output_folder,
+    resolve_path,
+)
 
 
 def _banner(text: str) -> None:
@@ -105,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         # Inside a Ray job, relative paths would point into Ray's temporary copy of the working directory.
         outputs = {"--out": args.out, "--timings": args.timings}
         check_job_paths(cfg, (*PREPROCESS_PATHS, *TRAIN_PATHS), tracking=True, args=outputs)
+        check_output_folder("--out", args.out)
         cfg, out_dir = absolute_paths(cfg), resolve_path(args.out)  # against $SIMBA_TTM_ROOT when set
     except (ConfigError, FileNotFoundError) as err:
         print(f"simba-ttm demo: {err}", file=sys.stderr)
@@ -255,7 +263,7 @@ def _generate(results: dict, cfg, out_dir: Path) -> None:
     codec = load_codec(p.codec, setting="preprocess.codec")
     prompts = list(cfg.generation.prompts)[:2]
     for arch, out in results.items():
-        model, mcfg, step = load_model(out.result.checkpoint.path)
+        model, mcfg, step = load_model(out.checkpoint)
         options = sampling_options(mcfg.generation, mcfg.data.frame_rate)
         samples = generate_audio(model, prompts, text_encoder=text_encoder, codec=codec, **options)
         for s in write_samples(samples, out_dir / arch, prefix=arch):

@@ -8,9 +8,10 @@ eval/fad, eval/kld, eval/kld_reverse and eval/clap to the MLflow run that traine
 --run evaluates every checkpoint of one run folder not yet evaluated with these settings (a rerun picks up where it
 stopped). A step evaluated with other settings (another eval set, --limit, --seconds, --cfg, scoring models) stops
 the job before anything runs, saying what differs; --force evaluates such steps again (the old metrics.json stays,
-renamed metrics.replaced-<time>.json). The eval settings (models, eval set, limit, actors) and the codec come from
---config when given, else from the checkpoint's own config. Generation runs as Ray tasks (one GPU each with
---device cuda) and scoring as a Ray Data actor pool.
+renamed metrics.replaced-<time>.json). `--checkpoint` follows the same rules for its step; with `--out DIR` it is a
+side evaluation instead: always run, written to DIR, and not logged to the training run. The eval settings (models,
+eval set, limit, actors) and the codec come from --config when given, else from the checkpoint's own config.
+Generation runs as Ray tasks (one GPU each with --device cuda) and scoring as a Ray Data actor pool.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from modeling.pretrained.errors import MissingWeightsError
 from pipelines.paths import (
     absolute_paths,
     check_job_paths,
+    check_output_folder,
     check_store_exists,
     resolve_path,
     resolve_path_or_id,
@@ -51,19 +53,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="decode with the compiled SiMBA step (CPU)")  # fmt: skip
     parser.add_argument("--out", help="output folder with --checkpoint (default: <run>/eval/step_NNNNNN)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="where generation runs (default: cuda if any)")
-    parser.add_argument("--force", action="store_true", help="with --run: evaluate again steps evaluated otherwise")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="evaluate again steps evaluated with other settings (--checkpoint: its step, whatever its settings)",
+    )
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow flags
     if args.overrides and not args.config:
         return fail(PROG, "key=value overrides need --config (without it the checkpoint's own config is used)")
     if args.run and (args.out or args.pick != "last"):
         return fail(PROG, "--out and --pick go with --checkpoint; --run writes each step into <run>/eval/step_NNNNNN")
-    if args.force and not args.run:
-        return fail(PROG, "--force goes with --run (--checkpoint always evaluates)")
+    if args.force and args.out:
+        return fail(PROG, "--force goes without --out (an evaluation into --out always runs, and is not logged)")
     try:
         cfg = load_config(args.config, args.overrides) if args.config else None
         paths = {"--checkpoint": args.checkpoint, "--run": args.run, "--out": args.out, "--evalset": args.evalset}
         # Inside a Ray job, relative paths would point into Ray's temporary copy of the working directory.
         check_job_paths(cfg, ("eval.set_dir",) if cfg else (), tracking=cfg is not None, args=paths)
+        check_output_folder("--out", args.out)
         target = resolve_path(args.checkpoint or args.run)
         cfg = absolute_paths(cfg) if cfg else None
     except (ConfigError, FileNotFoundError) as err:
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from eval.scoring import check_weights
     from modeling.pretrained.codec import codec_file
     from pipelines.runtime import ensure_ray
-    from pipelines.train.checkpoints import find_checkpoint, saved_config
+    from pipelines.train.checkpoints import find_checkpoint, run_folder, saved_config, saved_step
     from pipelines.train.tracking import resolve_tracking_uri
 
     try:
@@ -125,7 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         evaluator = CheckpointEvaluator(e, set_dir, overrides, device, uri)
         for c in configs:
             evaluator.generation(c)  # --cfg and --batch-size checked against each checkpoint's settings
-        if args.run:
+        if args.checkpoint and not args.out:  # the step's own evaluation: as --run does it, for one step
+            run_dir = run_folder(checkpoints[0], configs[0])
+            plan = plan_run(
+                evaluator, run_dir, force=args.force, checkpoints={saved_step(checkpoints[0]): checkpoints[0]}
+            )
+            if args.force:
+                plan.todo = dict(plan.checkpoints)
+        elif args.run:
+            run_dir = target
             plan = plan_run(evaluator, target, force=args.force, checkpoints=found)
     except (ConfigError, MissingWeightsError, FileNotFoundError, ValueError) as err:
         return fail(PROG, err)
@@ -137,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, err)
     n = len(evaluator.evalset)
     print(f"evaluating on {n} captions of {set_dir} ({e.seconds:g} s each, FAD on {e.fad_embedder}); on {device}")
-    if args.checkpoint:
-        ev = evaluator(checkpoints[0], resolve_path(args.out) if args.out else None)
+    if args.out:
+        ev = evaluator(checkpoints[0], resolve_path(args.out))
         print(format_metrics(ev))
+        print("(written to --out only: not logged to the training run)")
         evaluations = [ev]
     else:
         if plan.done:
@@ -151,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         if plan.changed and args.force:
             print(f"evaluating again (--force): steps {', '.join(map(str, plan.changed))}")
-        evaluations, _ = evaluate_run(evaluator, target, plan=plan)
+        evaluations, _ = evaluate_run(evaluator, run_dir, plan=plan)
         if not evaluations:
-            print("nothing new to evaluate")
+            print("nothing new to evaluate" + (" (--force evaluates again)" if args.checkpoint else ""))
     for ev in evaluations:
         where = f"MLflow run {ev.run_id}" if ev.run_id else "no MLflow training run found for it"
         print(f"step {ev.step}: {ev.out_dir / 'metrics.json'} ({where})")

@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from configs import ConfigError, load_config
-from pipelines.paths import check_job_paths, check_store_exists, resolve_path
+from pipelines.paths import check_job_paths, check_output_folder, check_store_exists, resolve_path
 from ray_jobs.common import fail
 
 PROG = "simba-ttm figure3"
@@ -32,13 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         check_job_paths(cfg, tracking=True, args={"--out": args.out})
+        check_output_folder("--out", args.out)
         out = resolve_path(args.out)
     except (ConfigError, FileNotFoundError) as err:
         return fail(PROG, err)
-    file = next(p for p in (out, *out.parents) if p.exists())  # the figure and the CSV are written into a folder
-    if not file.is_dir():
-        where = "is a file" if file == out else f"lies under a file, {file}"
-        return fail(PROG, f"--out {args.out} {where}: name a folder (created if missing)")
 
     # Imported here: --help and a bad flag or config answer without the seconds these imports take.
     from mlflow.tracking import MlflowClient

@@ -3,6 +3,9 @@
 Sampling options default to the checkpoint's own `generation` config, and the text encoder and codec to its
 `preprocess.text_encoder` / `preprocess.codec`. `--checkpoint` takes a model file, a checkpoint directory or a
 whole training run folder: its highest step, or with `--pick best` the checkpoint of its lowest validation loss.
+Each call writes a new folder `<out>/<run name>-step<N>` (`-2`, `-3`, ... when taken; nothing is overwritten):
+a WAV and a spectrogram PNG per caption, written batch by batch, and `prompts.json`, which says what made each
+clip (checkpoint, step, sampling settings, seed).
 Relative paths (not --prompts) resolve against $SIMBA_TTM_ROOT when set, else the working directory. Runs where
 it is started: `ray job submit ... -- simba-ttm generate ... --device cuda` runs it on a GPU box (with
 $SIMBA_TTM_ROOT or absolute paths).
@@ -12,13 +15,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import itertools
 import sys
 import time
 from pathlib import Path
 
 from configs import ConfigError
 from modeling.pretrained.errors import MissingWeightsError
-from pipelines.paths import check_job_paths, resolve_path, resolve_path_or_id
+from pipelines.paths import check_job_paths, check_output_folder, resolve_path, resolve_path_or_id
 from ray_jobs.common import fail
 
 PROG = "simba-ttm generate"
@@ -27,6 +32,18 @@ PROG = "simba-ttm generate"
 def _read_prompts(path: str) -> list[str]:
     """One prompt per non-empty line."""
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def new_folder(out: Path, name: str) -> Path:
+    """A folder made for this call: `out/name`, else `out/name-2`, `-3`, ... (never one an earlier call wrote)."""
+    for k in itertools.count(1):
+        folder = out / (name if k == 1 else f"{name}-{k}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="decode with the compiled SiMBA step (one-off compilation, then ~4x faster per token on a CPU)",
     )
-    parser.add_argument("--out", default="outputs/generate", help="output folder (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        default="outputs/generate",
+        help="where each call makes its folder <run name>-step<N> (default: %(default)s)",
+    )
     parser.add_argument("--text-encoder", help="Flan-T5 directory or hub id (default: preprocess.text_encoder)")
     parser.add_argument("--codec", help="DAC .pth or id (default: preprocess.codec)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
@@ -63,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Inside a Ray job, relative paths would point into Ray's temporary copy of the working directory.
         check_job_paths(args={"--checkpoint": args.checkpoint, "--out": args.out})
+        check_output_folder("--out", args.out)
         checkpoint, out = resolve_path(args.checkpoint), resolve_path(args.out)  # against $SIMBA_TTM_ROOT when set
     except ConfigError as err:
         return fail(PROG, err)
@@ -74,20 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     from modeling.pretrained.codec import load_codec
     from modeling.pretrained.text_encoder import TextEncoder
     from pipelines.generation import INDEX_FILE, generate_audio, sampling_options, write_samples
-    from pipelines.train.checkpoints import load_model
+    from pipelines.train.checkpoints import find_checkpoint, load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         return fail(PROG, "--device cuda was given but no CUDA device is available")
     try:
         captions = args.prompt if args.prompt else _read_prompts(args.prompts)
-    except OSError as err:
-        return fail(PROG, f"cannot read --prompts: {err}")
+    except (OSError, UnicodeDecodeError) as err:
+        return fail(PROG, f"cannot read --prompts (a UTF-8 text file, one caption per line): {err}")
     if not captions or not all(c.strip() for c in captions):
         return fail(PROG, "no prompts: give non-empty --prompt TEXT or a --prompts FILE with one caption per line")
 
     try:
-        model, cfg, step = load_model(checkpoint, device=device, pick=args.pick)
+        file = find_checkpoint(checkpoint, pick=args.pick)
+        model, cfg, step = load_model(file, device=device)
         given = {
             name: getattr(args, name)
             for name in ("seconds", "cfg_scale", "top_k", "top_p", "temperature", "seed", "batch_size", "compile")
@@ -95,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         gen = dataclasses.replace(cfg.generation, **given)  # re-validated: a bad flag is a ConfigError
         n_frames = gen.n_frames(cfg.data.frame_rate)
-        print(f"checkpoint {checkpoint} (step {step}, {cfg.model.arch}); {n_frames} frames per clip on {device}")
+        print(f"checkpoint {file} (run {cfg.name!r}, step {step}, {cfg.model.arch})")
+        print(f"{n_frames} frames per clip on {device}")
         text_encoder = TextEncoder(
             resolve_path_or_id(args.text_encoder or cfg.preprocess.text_encoder),
             device=device,
@@ -107,21 +131,51 @@ def main(argv: list[str] | None = None) -> int:
             device=device,
             setting="--codec (or preprocess.codec in the checkpoint config)",
         )
-        start = time.perf_counter()
-        options = sampling_options(gen, cfg.data.frame_rate)
-        samples = generate_audio(model, captions, text_encoder=text_encoder, codec=codec, device=device, **options)
-        elapsed = time.perf_counter() - start
     except (MissingWeightsError, FileNotFoundError, ConfigError, ValueError) as err:
         return fail(PROG, err)
 
-    samples = write_samples(samples, out)
-    for s in samples:
+    folder = new_folder(out, f"{cfg.name}-step{step}")
+    about = {"checkpoint": str(file), "run": cfg.name, "arch": cfg.model.arch, "step": step, "generation": {
+        k: getattr(gen, k) for k in ("seconds", "top_k", "top_p", "temperature", "cfg_scale", "batch_size", "compile")
+    }}  # fmt: skip
+    written: list = []
+    start = time.perf_counter()
+
+    def write_batch(batch: list) -> None:  # as each batch is decoded: an interrupted call keeps what it made
+        written.extend(write_samples(batch, folder, first=len(written), about=about))
+        print(f"  {len(written)}/{len(captions)} clips ({time.perf_counter() - start:.1f} s)", flush=True)
+
+    n_batches = -(-len(captions) // gen.batch_size)
+    print(f"-> {folder}: {len(captions)} clip(s) in {n_batches} batch(es) of up to {gen.batch_size}", flush=True)
+    if gen.compile and cfg.model.arch == "simba":
+        print("  the first batch compiles the decoding step (once per batch size; tens of seconds on a CPU)")
+    try:
+        generate_audio(
+            model, captions, text_encoder=text_encoder, codec=codec, device=device, on_batch=write_batch,
+            **sampling_options(gen, cfg.data.frame_rate),
+        )  # fmt: skip
+    except ValueError as err:  # a text encoder of another width than the model's
+        return fail(PROG, err)
+    except (torch.OutOfMemoryError, MemoryError, OSError) as err:
+        if isinstance(err, OSError) and err.errno != errno.ENOMEM:
+            raise
+        kept = f" ({len(written)} clips written to {folder})" if written else ""
+        rows = min(gen.batch_size, len(captions))
+        return fail(
+            PROG, f"out of memory for {n_frames} frames x {rows} captions on {device} ({err}): lower --seconds or "
+            f"--batch-size{kept}",
+        )  # fmt: skip
+    finally:
+        if not written:
+            folder.rmdir()
+    elapsed = time.perf_counter() - start
+    for s in written:
         print(f"{s.caption!r} -> {s.wav}, {s.png}")
-    audio_seconds = sum(len(s.audio) / s.sample_rate for s in samples)
+    audio_seconds = sum(len(s.audio) / s.sample_rate for s in written)
     print(
-        f"{len(samples)} clips, {audio_seconds:.1f} s of audio in {elapsed:.1f} s "
+        f"{len(written)} clips, {audio_seconds:.1f} s of audio in {elapsed:.1f} s "
         f"(real-time factor {elapsed / audio_seconds:.2f}: compute seconds per audio second); "
-        f"index: {out / INDEX_FILE}"
+        f"index: {folder / INDEX_FILE}"
     )
     return 0
 

@@ -39,9 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         out = run_training(cfg, local_mode=args.local_mode)
     except USAGE_ERRORS as err:
         return fail(PROG, err)
-    checkpoint = out.result.checkpoint.path if out.result.checkpoint else "none"
     print(f"finished: MLflow run {out.run_id}")
-    print(f"latest checkpoint: {checkpoint}")
+    print(f"latest checkpoint: {out.checkpoint or 'none'}")
     print(f"browse runs: mlflow ui --backend-store-uri {out.tracking_uri}")
     return 0
 

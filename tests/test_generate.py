@@ -113,6 +113,19 @@ def test_load_from_directory_and_run_folder(tmp_path, cfg, model):
     assert torch.equal(loaded.head.weight, newer.head.weight)
 
 
+def test_a_folder_of_several_runs_is_refused_not_resolved_to_one(tmp_path, cfg, model):
+    """`generate --checkpoint runs/debug` took the highest step among every run below it, silently."""
+    for name, step in (("a", 5), ("b", 10)):
+        (tmp_path / name).mkdir()
+        cfg.dump_yaml(tmp_path / name / "config.yaml")
+        save_model(tmp_path / name / "checkpoint_000000", model, load_config("debug", [*SMALL, f"name={name}"]), step)
+    for pick in ("last", "best"):
+        with pytest.raises(ValueError, match=r"holds the checkpoints of 2 runs; pass one run's folder") as e:
+            find_checkpoint(tmp_path, pick=pick)
+    assert f"{tmp_path / 'a'}: a (1 checkpoints)" in str(e.value)
+    assert find_checkpoint(tmp_path / "b").parent.parent == tmp_path / "b"
+
+
 def test_missing_checkpoint_names_what_was_searched(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "nope")
@@ -223,10 +236,12 @@ def test_cli_prompts_end_to_end(tmp_path, checkpoint, capsys):
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "step 7" in printed and "9 frames" in printed and "real-time factor" in printed
-    wavs = sorted(out.glob("*.wav"))
+    assert "2/2 clips" in printed  # progress, batch by batch
+    folder = out / "debug-step7"  # the run's name and the step
+    wavs = sorted(folder.glob("*.wav"))
     assert [w.name for w in wavs] == ["sample_00_calm-piano.wav", "sample_01_loud-drums.wav"]
     assert all(sf.info(w).frames == 9 * HOP and sf.info(w).samplerate == SR for w in wavs)
-    assert len(list(out.glob("*.png"))) == 2
+    assert len(list(folder.glob("*.png"))) == 2
     assert "'calm piano' -> " in printed
 
 
@@ -237,10 +252,31 @@ def test_cli_prompts_file(tmp_path, checkpoint, capsys):
     rc = main(["--checkpoint", str(checkpoint.parent.parent), "--prompts", str(prompts), "--out", str(out)]
               + ["--seconds", "0.05", "--batch-size", "2", "--top-k", "10", "--cfg", "1.5", "--seed", "3"])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
-    index = json.loads((out / "prompts.json").read_text())
+    folder = out / "debug-step7"
+    index = json.loads((folder / "prompts.json").read_text())
     assert [e["caption"] for e in index] == ["calm piano", "warm bass", "fast techno beat"]
-    assert all((out / e["wav"]).is_file() and (out / e["png"]).is_file() for e in index)
+    assert [e["wav"][:9] for e in index] == ["sample_00", "sample_01", "sample_02"]  # numbered across batches
+    assert all((folder / e["wav"]).is_file() and (folder / e["png"]).is_file() for e in index)
     assert all(e["frames"] == 5 for e in index)  # ceil(0.05 s * 86.13 fps)
+    # What made each clip: the checkpoint, its step and the sampling settings, and its batch's seed.
+    assert [e["seed"] for e in index] == [3, 3, 4]
+    assert {(e["checkpoint"], e["run"], e["step"]) for e in index} == {(str(checkpoint), "debug", 7)}
+    assert index[0]["generation"] == {"seconds": 0.05, "top_k": 10, "top_p": 0.0, "temperature": 1.0,
+                                      "cfg_scale": 1.5, "batch_size": 2, "compile": False}  # fmt: skip
+
+
+def test_cli_never_overwrites_an_earlier_call(tmp_path, checkpoint, capsys):
+    """The same checkpoint and prompt again (another seed, or the other decoder's run of the same name) used to
+    overwrite the first call's clips and index: each call has its own folder now."""
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(checkpoint), "--prompt", "calm piano", "--seconds", "0.05", "--out", str(out)]
+    assert main([*args, "--seed", "1"]) == 0
+    first = (out / "debug-step7" / "sample_00_calm-piano.wav").read_bytes()
+    assert main([*args, "--seed", "2"]) == 0
+    assert (out / "debug-step7" / "sample_00_calm-piano.wav").read_bytes() == first
+    second = json.loads((out / "debug-step7-2" / "prompts.json").read_text())
+    assert [e["seed"] for e in second] == [2]
+    assert f"-> {out / 'debug-step7-2'}" in capsys.readouterr().out
 
 
 def test_cli_compiled_decoding_writes_the_same_audio(tmp_path, checkpoint, capsys):
@@ -250,7 +286,7 @@ def test_cli_compiled_decoding_writes_the_same_audio(tmp_path, checkpoint, capsy
         rc = main(["--checkpoint", str(checkpoint), "--prompt", "calm piano", "--seconds", "0.1"]
                   + ["--out", str(out), "--device", "cpu", flag])  # fmt: skip
         assert rc == 0, capsys.readouterr().err
-        audio[flag] = sf.read(out / "sample_00_calm-piano.wav")[0]
+        audio[flag] = sf.read(out / "debug-step7" / "sample_00_calm-piano.wav")[0]
     assert np.array_equal(audio["--no-compile"], audio["--compile"])
 
 
@@ -263,4 +299,13 @@ def test_cli_errors_return_2(tmp_path, checkpoint, capsys):
     assert "Flan-T5 weights not found" in err and "--text-encoder" in err
     assert main([*args, "--top-p", "2"]) == 2
     assert "generation.top_p" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert main(["--checkpoint", str(checkpoint), "--prompt", "calm piano", "--out", str(a_file)]) == 2
+    assert f"--out {a_file} is a file" in capsys.readouterr().err
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 jazz\n".encode("latin-1"))
+    assert main(["--checkpoint", str(checkpoint), "--prompts", str(latin1), "--out", str(tmp_path / "o")]) == 2
+    assert "cannot read --prompts (a UTF-8 text file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

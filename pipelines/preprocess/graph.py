@@ -29,7 +29,7 @@ from modeling.pretrained.codec import load_codec
 from modeling.pretrained.separator import load_separator
 from modeling.pretrained.text_encoder import TextEncoder
 from pipelines.files import atomic_write
-from pipelines.paths import PATH_KEYS, PATH_OR_ID_KEYS, absolute_paths, portable_path
+from pipelines.paths import PATH_KEYS, PATH_OR_ID_KEYS, absolute_paths, inside, root_dir
 from pipelines.preprocess.captioning import (
     caption_cache_dir,
     compact_cache,
@@ -186,13 +186,24 @@ OUTPUT_SETTINGS = (
     "caption_max_new_tokens", "caption_candidates", "vocal_words", "codec", "text_encoder", "text_max_length",
 )  # fmt: skip
 SETTINGS_FILE = "_preprocess_settings.json"  # in both output folders; readers take only part-*.parquet
-# The ones that may name a file: recorded relative to the project root (`portable_path`), so moving the project
-# (tokens, rejects and models together) does not count as a change.
+# The ones that may name a file. Recorded as absolute paths with the project root they resolved against (ROOT_KEY):
+# a file counts as the same when its absolute path is, or when both lie at the same place inside their root (the
+# project moved whole, its models inside).
 _PATH_SETTINGS = {f"preprocess.{k}" for k in (*PATH_KEYS["preprocess"], *PATH_OR_ID_KEYS["preprocess"])}
+ROOT_KEY = "project_root"
 
 
-def _recorded_form(settings: dict) -> dict:
-    return {k: portable_path(v) if k in _PATH_SETTINGS and isinstance(v, str) else v for k, v in settings.items()}
+def _moved_alike(recorded: dict, wanted: dict, root: Path) -> dict:
+    """`recorded` with each path setting that lies at the same place inside its root as in `wanted` taken as
+    `wanted`'s (a record without its root, an earlier version's, is compared as it is)."""
+    old_root = recorded.pop(ROOT_KEY, None)
+    same = {
+        k: wanted[k]
+        for k in _PATH_SETTINGS & recorded.keys() & wanted.keys()
+        if old_root and isinstance(recorded[k], str) and isinstance(wanted[k], str)
+        and inside(recorded[k], old_root) is not None and inside(recorded[k], old_root) == inside(wanted[k], root)
+    }  # fmt: skip
+    return {**recorded, **same}
 
 
 def check_settings(cfg: ExperimentConfig) -> None:
@@ -203,12 +214,13 @@ def check_settings(cfg: ExperimentConfig) -> None:
     from configs import changes
 
     p = cfg.preprocess
-    wanted = _recorded_form({f"preprocess.{k}": getattr(p, k) for k in OUTPUT_SETTINGS})
+    wanted = {f"preprocess.{k}": getattr(p, k) for k in OUTPUT_SETTINGS}
+    root = root_dir()
     folders = [Path(cfg.data.tokens_dir), Path(p.rejects_dir)]
     written = any(next(d.glob(PART_GLOB), None) is not None for d in folders)
     records = [d / SETTINGS_FILE for d in folders if (d / SETTINGS_FILE).is_file()]
     if written and records:
-        changed = changes(_recorded_form(json.loads(records[0].read_text())), wanted)  # (an older record: absolute)
+        changed = changes(_moved_alike(json.loads(records[0].read_text()), wanted, root), wanted)
         if changed:
             raise ConfigError(
                 f"the output in {cfg.data.tokens_dir} and {p.rejects_dir} was made with other settings; a rerun only "
@@ -218,8 +230,9 @@ def check_settings(cfg: ExperimentConfig) -> None:
                 + " and ".join(map(str, records))
                 + " to accept the mix)"
             )
+    record = json.dumps({**wanted, ROOT_KEY: str(root)}, indent=1) + "\n"
     for d in folders:
-        atomic_write(d / SETTINGS_FILE, lambda tmp: tmp.write_text(json.dumps(wanted, indent=1) + "\n"))
+        atomic_write(d / SETTINGS_FILE, lambda tmp: tmp.write_text(record))
 
 
 def check_exclusion(tokens_dir: str, kept: set[str], excluded: set[str]) -> None:

@@ -103,6 +103,31 @@ def saved_config(file: str | Path) -> ExperimentConfig:
     return ExperimentConfig.from_dict(_load(Path(file), mmap=True)["config"])
 
 
+def run_folder(checkpoint: Path, cfg: ExperimentConfig) -> Path:
+    """The run folder a checkpoint file sits in (the nearest folder above it with the run's config.yaml, so a
+    run copied elsewhere still works), else the one its config names."""
+    for parent in Path(checkpoint).resolve().parents:
+        if (parent / "config.yaml").is_file():
+            return parent
+    return cfg.run_dir
+
+
+def check_one_run(path: Path, files: list[Path], advice: str) -> None:
+    """Raise ValueError, listing them, when the model `files` found under `path` belong to several runs (`path` is a
+    storage folder or a sweep's folder): taking the highest step or merging them by step would mix runs silently.
+    A run is its folder and its name (a sweep's trials share the sweep's config.yaml, not their name)."""
+    runs: dict[tuple[Path, str], int] = {}
+    for file in files:
+        cfg = saved_config(file)
+        run = (run_folder(file, cfg), cfg.name)
+        runs[run] = runs.get(run, 0) + 1
+    if len(runs) > 1:
+        listing = "\n".join(
+            f"  {folder}: {name} ({count} checkpoints)" for (folder, name), count in sorted(runs.items())
+        )
+        raise ValueError(f"{path} holds the checkpoints of {len(runs)} runs; {advice}:\n{listing}")
+
+
 def find_checkpoint(path: str | Path, pick: str = "last") -> Path:
     """Resolve a file, a checkpoint directory or a run folder to one model file.
 
@@ -110,6 +135,7 @@ def find_checkpoint(path: str | Path, pick: str = "last") -> Path:
     `best/` checkpoints a run keeps (see `TrainRecipe`). A file is returned as it is.
     Raises:
         FileNotFoundError naming the places searched.
+        ValueError when the folder holds the checkpoints of several runs, listing them.
     """
     if pick not in ("last", "best"):
         raise ValueError(f"pick must be 'last' or 'best', got {pick!r}")
@@ -121,6 +147,7 @@ def find_checkpoint(path: str | Path, pick: str = "last") -> Path:
     # Nested checkpoints (Ray Train's checkpoint_* folders); skip hidden folders, where partial writes live.
     found = [f for f in path.rglob(MODEL_FILE) if not any(p.startswith(".") for p in f.relative_to(path).parts)]
     best = [f for f in found if f.parent.name == BEST_DIR]
+    check_one_run(path, found, "pass one run's folder, or a checkpoint of it")
     if pick == "best":
         if not best:
             raise FileNotFoundError(

@@ -35,6 +35,19 @@ class TrainingOutcome:
     tracking_uri: str
     config: ExperimentConfig
 
+    @property
+    def checkpoint(self) -> Path | None:
+        """The run's newest checkpoint folder: the one this call reported, else the newest on disk (a finished run
+        started again reports none: it has no step left to take), else None."""
+        from pipelines.train.checkpoints import find_checkpoint
+
+        if self.result.checkpoint is not None:
+            return Path(self.result.checkpoint.path)
+        try:
+            return find_checkpoint(self.config.run_dir).parent
+        except FileNotFoundError:
+            return None
+
 
 def check_before_ray(cfg: ExperimentConfig, local_mode: bool = False) -> tuple[int, int]:
     """Everything that can be checked without Ray: data present, enough rows, training's own evaluation, and that a

@@ -90,14 +90,33 @@ def test_evaluate_run_does_what_is_missing_then_nothing(trained, capsys):
 
 
 def test_evaluate_one_checkpoint_into_a_folder(trained, tmp_path):
-    _, run_dir = trained
+    """A side evaluation (`--out`, here on a subset) is written there only: logged at the step, it replaced the
+    numbers Fig. 3 draws with subset ones while the step's metrics.json still said the full set."""
+    out, run_dir = trained
+    logged = {key: _history(out, key) for key in METRIC_KEYS}
     target = tmp_path / "one"
     code = evaluate.main(["--checkpoint", str(run_dir / EVAL_CHECKPOINT_DIR / "step_000010"), "--out", str(target),
                           "--limit", "2", "--cfg", "1.0"])  # fmt: skip
     assert code == 0
     summary = json.loads((target / METRICS_FILE).read_text())
     assert summary["clips"] == 2 and summary["generation"]["cfg_scale"] == 1.0 and summary["step"] == 10
+    assert summary["mlflow_run_id"] is None
     assert len(list((target / "clips").glob("*.wav"))) == 2 and len(list((target / "clips").glob("*.png"))) == 2
+    assert {key: _history(out, key) for key in METRIC_KEYS} == logged
+
+
+def test_one_checkpoint_follows_the_step_record_like_a_run(trained, capsys):
+    """`--checkpoint` without `--out` evaluates the step for Fig. 3: the same settings again are skipped, other
+    settings are refused unless --force (it silently replaced the step's numbers in MLflow)."""
+    out, run_dir = trained
+    ckpt = str(run_dir / EVAL_CHECKPOINT_DIR / f"step_{STEPS:06d}")  # evaluated during training, with eval.limit=4
+    logged = _history(out, "eval/fad")
+    assert evaluate.main(["--checkpoint", ckpt]) == 0
+    assert "nothing new to evaluate (--force evaluates again)" in capsys.readouterr().out
+    assert evaluate.main(["--checkpoint", ckpt, "--limit", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"step {STEPS}: clips: 4 -> 2" in err and "--force" in err
+    assert _history(out, "eval/fad") == logged
 
 
 def test_missing_parts_are_named_before_anything_runs(trained, tiny_eval, tmp_path, capsys):
@@ -118,12 +137,13 @@ def test_missing_parts_are_named_before_anything_runs(trained, tiny_eval, tmp_pa
 
 
 def test_the_clips_do_not_depend_on_how_generation_is_split(trained, ray_session):
+    """Nor on the order the batches arrive in; progress shows batch by batch (it said nothing until every clip of
+    every checkpoint was done: hours for the paper's eval set)."""
     import dataclasses
 
     import numpy as np
-    import ray
 
-    from eval.evaluate import launch_generation
+    from eval.evaluate import gather_generated, launch_generation
 
     _, run_dir = trained
     file = run_dir / EVAL_CHECKPOINT_DIR / "step_000010" / "model.pt"
@@ -133,7 +153,11 @@ def test_the_clips_do_not_depend_on_how_generation_is_split(trained, ray_session
         e = dataclasses.replace(e, generators=generators, limit=None)
         refs = launch_generation(file, 1, 6, e, Path(e.set_dir), {"seconds": 0.3}, "cpu")
         assert len(refs) == generators
-        clips[generators] = np.concatenate(ray.get(refs))
+        lines = []
+        (clips[generators],) = gather_generated([refs], log=lines.append, every=0.0)
+        counts = [int(line.split()[0]) for line in lines]
+        assert counts == sorted(counts) and counts[-1] == 6 and len(set(counts)) > 1, lines
+        assert lines[-1].strip().startswith(f"6 clips generated, {generators}/{generators} task(s) done")
     assert clips[1].shape[0] == 6
     np.testing.assert_array_equal(clips[1], clips[3])
 
@@ -246,7 +270,7 @@ def test_settings_the_eval_set_cannot_take_are_refused_before_anything_runs(trai
         "cfg_scale": ["--checkpoint", ckpt, "--cfg", "-1"],
         "batch_size": ["--checkpoint", ckpt, "--batch-size", "0"],
         "--out and --pick go with --checkpoint": ["--run", str(run_dir), "--out", str(tmp_path / "x")],
-        "--force goes with --run": ["--checkpoint", ckpt, "--force"],
+        "--force goes without --out": ["--checkpoint", ckpt, "--out", str(tmp_path / "x"), "--force"],
         "preprocess.codec": ["--checkpoint", ckpt, "--config", *config, f"preprocess.codec={tmp_path / 'no.pth'}"],
         "no MLflow store": ["--checkpoint", ckpt, "--config", *config, f"mlflow.tracking_uri=sqlite:///{tmp_path}/typo.db"],
     }  # fmt: skip

@@ -96,3 +96,23 @@ def test_the_console_script_fails_without_a_job(capsys):
     assert cli.main([]) == 2 and "simba-ttm <job>" in capsys.readouterr().err  # a script that lost its job name
     assert cli.main(["--help"]) == 0 and "simba-ttm <job>" in capsys.readouterr().out
     assert cli.main(["no-such-job"]) == 2
+
+
+@pytest.mark.parametrize(
+    "job, argv",
+    [
+        ("generate", ["--checkpoint", "runs/none", "--prompt", "calm piano"]),
+        ("evaluate", ["--checkpoint", "runs/none"]),
+        ("codebooks", []),
+        ("figure3", ["--runs", "a"]),
+        ("demo", []),
+    ],
+)
+def test_an_output_folder_that_is_a_file_is_refused_up_front(job, argv, tmp_path, capsys):
+    """The results used to be lost to a FileExistsError / NotADirectoryError traceback once they were written."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("")
+    main = importlib.import_module(f"ray_jobs.{job}").main
+    for out, problem in ((a_file, "is a file"), (a_file / "figures", f"lies under a file, {a_file}")):
+        assert main([*argv, "--out", str(out)]) == 2
+        assert f"--out {out} {problem}: name a folder" in capsys.readouterr().err

@@ -274,7 +274,7 @@ def test_a_folder_holding_a_corpus_or_a_file_is_refused_before_anything_is_writt
         assert [p.name for p in old.iterdir()] == [name]
     readme = tmp_path / "README.md"
     readme.write_text("not a folder\n")
-    for out, says in ((readme, "is a file, not a folder"), (readme / "corpus", f"lies under a file, {readme}")):
+    for out, says in ((readme, "is a file"), (readme / "corpus", f"lies under a file, {readme}")):
         assert main(["--out", str(out), *argv]) == 2
         err = capsys.readouterr().err
         assert err == f"simba-ttm make-corpus: --out {out} {says}\n"

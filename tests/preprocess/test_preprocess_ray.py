@@ -280,8 +280,8 @@ def test_settings_recorded_by_a_run_that_wrote_nothing_are_replaced(first_run, t
 
 
 def test_a_project_moved_whole_still_matches_its_settings(first_run, tmp_path, monkeypatch):
-    """Model files inside the project are recorded relative to its root: moving the project (another disk, another
-    checkout) is not a change of settings, while another model file still is."""
+    """Model files are recorded with the project root: moving the project (another disk, another checkout) is not a
+    change of settings, nor is running from elsewhere with the same absolute paths; another model file still is."""
     import shutil
 
     from pipelines.paths import ROOT_ENV, absolute_paths
@@ -301,17 +301,21 @@ def test_a_project_moved_whole_still_matches_its_settings(first_run, tmp_path, m
     d["preprocess"]["codec"] = "models/codec.pth"
     monkeypatch.setenv(ROOT_ENV, str(old))
     check_settings(absolute_paths(ExperimentConfig.from_dict(d)))
-    assert json.loads((old / "tokens" / SETTINGS_FILE).read_text())["preprocess.codec"] == "models/codec.pth"
+    recorded = json.loads((old / "tokens" / SETTINGS_FILE).read_text())
+    assert (recorded["preprocess.codec"], recorded["project_root"]) == (str(old / "models" / "codec.pth"), str(old))
 
     old.rename(new)
     monkeypatch.setenv(ROOT_ENV, str(new))
-    check_settings(absolute_paths(ExperimentConfig.from_dict(d)))  # the same settings, moved
+    moved = absolute_paths(ExperimentConfig.from_dict(d))
+    check_settings(moved)  # the same settings, moved
 
-    record = new / "tokens" / SETTINGS_FILE  # an earlier version recorded absolute paths: still the same file
-    recorded = json.loads(record.read_text())
-    record.write_text(json.dumps({**recorded, "preprocess.codec": str(new / "models" / "codec.pth")}))
-    check_settings(absolute_paths(ExperimentConfig.from_dict(d)))
+    monkeypatch.setenv(ROOT_ENV, str(tmp_path))  # another root, the same absolute paths
+    check_settings(moved)
+    record = new / "tokens" / SETTINGS_FILE  # an earlier version's record (absolute paths, no root): compared as is
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "project_root"}))
+    check_settings(moved)
 
+    monkeypatch.setenv(ROOT_ENV, str(new))
     d["preprocess"]["codec"] = "models/other_codec.pth"
-    with pytest.raises(ConfigError, match=r"preprocess.codec: 'models/codec.pth' -> 'models/other_codec.pth'"):
+    with pytest.raises(ConfigError, match=r"preprocess.codec: '\S+/models/codec.pth' -> '\S+/models/other_codec.pth'"):
         check_settings(absolute_paths(ExperimentConfig.from_dict(d)))

@@ -87,6 +87,8 @@ def test_ema_best_checkpoint_progress_and_a_local_mode_resume(preprocessed, ray_
     for k in trained:
         torch.testing.assert_close(again_trained[k], trained[k], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(again[k], handed_out[k], rtol=1e-6, atol=1e-7)
+    finished = run_training(cfg, local_mode=True)  # started again with no step left: it reports no checkpoint
+    assert finished.checkpoint == last  # and `simba-ttm train` said "latest checkpoint: none"
 
     # Continuing needs settings the checkpoints can continue (more steps are fine, another lr or size is not), and
     # the mode that wrote the newest checkpoint: Ray Train would start over and log steps 1-8 again.

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from pipelines.paths import folder_problem
 from pipelines.preprocess.corpus.synth import SR
 from pipelines.preprocess.corpus.tracks import (
     BAD_KINDS,
@@ -252,11 +253,9 @@ class CorpusExistsError(FileExistsError):
 def check_corpus_folder(root: Path) -> None:
     """Refuse a folder that holds a corpus (its metadata TSV or corpus.json; CorpusExistsError) or a path that is,
     or lies under, a file (NotADirectoryError)."""
-    existing = next(p for p in (root, *root.parents) if p.exists())  # a relative path's last parent is "."
-    if existing == root and not root.is_dir():
-        raise NotADirectoryError(f"{root} is a file, not a folder")
-    if not existing.is_dir():
-        raise NotADirectoryError(f"{root} lies under a file, {existing}")
+    problem = folder_problem(root)
+    if problem:
+        raise NotADirectoryError(f"{root} {problem}")
     marks = [root / name for name in (TSV_NAME, MANIFEST_NAME) if (root / name).is_file()]
     if not marks:
         return
