@@ -548,12 +548,15 @@ class ExperimentConfig(Section):
                     ExperimentConfig.from_dict(d)
                 except ConfigError as e:
                     raise ConfigError(f"tune.space[{key!r}] = {spec!r} can give {key} = {value!r}: {e}") from None
-        self._check_combinations(base)
 
-    def _check_combinations(self, base: dict[str, Any]) -> None:
+    def check_space_combinations(self) -> None:
         """Values of several keys that are valid alone can clash (`model.expand * model.d_model` must divide by
         `model.headdim`): every combination of the keys' candidate values makes a valid config, checked when there
-        are at most MAX_CHECKED_COMBINATIONS (a trial that draws a clash otherwise fails with the message)."""
+        are at most MAX_CHECKED_COMBINATIONS (a trial that draws a clash otherwise fails with the message). Called by
+        `simba-ttm tune` before Ray starts, not by every load: a trial's checkpoint keeps its sweep's space, and one
+        of an older sweep whose space could clash must still load."""
+        base = self.to_dict()
+        base["tune"] = {}
         keys = list(self.tune.space)
         candidates = [self.tune.candidate_values(key) for key in keys]
         if len(keys) < 2 or math.prod(map(len, candidates)) > MAX_CHECKED_COMBINATIONS:

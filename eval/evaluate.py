@@ -290,23 +290,23 @@ class CheckpointEvaluator:
             return None, uri
         return find_training_run(cfg, uri), uri
 
-    def __call__(self, checkpoint: Path, out_dir: Path | None = None) -> Evaluation:
-        return self.evaluate([(Path(checkpoint), out_dir)])[0]
+    def __call__(self, checkpoint: Path, out_dir: Path | None = None, to_run: bool = True) -> Evaluation:
+        return self.evaluate([(Path(checkpoint), out_dir)], to_run=to_run)[0]
 
-    def evaluate(self, checkpoints: list[tuple[Path, Path | None]], log=print) -> list[Evaluation]:
-        """Evaluate (checkpoint, output folder or None for `<run>/eval/step_NNNNNN`) pairs. Only an evaluation into
-        its step's folder is logged to the training run: that folder's metrics.json is the record of what MLflow
-        holds at the step (`eval.runs.plan_run`), so one written elsewhere (`--out`) must not change it.
-        Checkpoints are taken in passes of at most MAX_CLIPS_PER_PASS clips: a pass generates for all its
-        checkpoints at once (Ray runs the tasks side by side) and scores all their clips in one actor pool (the
-        models load once per pass)."""
+    def evaluate(self, checkpoints: list[tuple[Path, Path | None]], log=print, to_run: bool = True) -> list[Evaluation]:
+        """Evaluate (checkpoint, output folder or None for `<run>/eval/step_NNNNNN`) pairs, logging to each one's
+        training run unless `to_run` is False: a side evaluation (`evaluate --checkpoint ... --out DIR`) must not
+        change what MLflow holds at the step, of which the step folder's metrics.json is the record
+        (`eval.runs.plan_run`). Checkpoints are taken in passes of at most MAX_CLIPS_PER_PASS clips: a pass
+        generates for all its checkpoints at once (Ray runs the tasks side by side) and scores all their clips in
+        one actor pool (the models load once per pass)."""
         per_pass = max(1, MAX_CLIPS_PER_PASS // max(len(self.evalset), 1))
         done = []
         for start in range(0, len(checkpoints), per_pass):
-            done += self._pass(checkpoints[start : start + per_pass], log)
+            done += self._pass(checkpoints[start : start + per_pass], log, to_run)
         return done
 
-    def _pass(self, checkpoints: list[tuple[Path, Path | None]], log) -> list[Evaluation]:
+    def _pass(self, checkpoints: list[tuple[Path, Path | None]], log, to_run: bool) -> list[Evaluation]:
         from pipelines.train.checkpoints import run_folder, saved_config, saved_step
 
         t0 = time.perf_counter()
@@ -336,8 +336,7 @@ class CheckpointEvaluator:
         results = []
         for (file, out, step, cfg, generation, _), clips, ev in zip(jobs, audio, evidence, strict=True):
             metrics = set_metrics(ev, self.references)
-            own = out.resolve() == step_dir(run_folder(file, cfg), step).resolve()
-            run_id, uri = self.training_run(cfg) if own else (None, "")
+            run_id, uri = self.training_run(cfg) if to_run else (None, "")
             logger = None
             if run_id is not None:
                 from pipelines.train.tracking import RunLogger

@@ -79,7 +79,10 @@ def resolve_path_or_id(value: str) -> str:
 def folder_problem(path: Path) -> str | None:
     """Why `path` cannot be used as a folder (created if missing): "is a file" or "lies under a file, F"; None
     when it can."""
-    existing = next(p for p in (path, *path.parents) if p.exists())  # a relative path's last parent is "."
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())  # a relative path's last parent is "."
+    except OSError as err:  # a folder on the way that cannot be read
+        return f"cannot be checked ({err.strerror})"
     if existing.is_dir():
         return None
     return "is a file" if existing == path else f"lies under a file, {existing}"

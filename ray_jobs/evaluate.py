@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="captions per generation batch (default: the checkpoint's)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="decode with the compiled SiMBA step (CPU)")  # fmt: skip
-    parser.add_argument("--out", help="output folder with --checkpoint (default: <run>/eval/step_NNNNNN)")
+    parser.add_argument(
+        "--out", help="with --checkpoint: a side evaluation into this folder, not logged (default: <run>/eval/step_N)"
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], help="where generation runs (default: cuda if any)")
     parser.add_argument(
         "--force",
@@ -137,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             plan = plan_run(
                 evaluator, run_dir, force=args.force, checkpoints={saved_step(checkpoints[0]): checkpoints[0]}
             )
-            if args.force:
-                plan.todo = dict(plan.checkpoints)
+            if args.force:  # its step again, whatever its record says (nothing left to skip or to log as it was)
+                plan.todo, plan.done, plan.unlogged, plan.unrecorded = dict(plan.checkpoints), [], [], []
         elif args.run:
             run_dir = target
             plan = plan_run(evaluator, target, force=args.force, checkpoints=found)
@@ -153,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     n = len(evaluator.evalset)
     print(f"evaluating on {n} captions of {set_dir} ({e.seconds:g} s each, FAD on {e.fad_embedder}); on {device}")
     if args.out:
-        ev = evaluator(checkpoints[0], resolve_path(args.out))
+        ev = evaluator(checkpoints[0], resolve_path(args.out), to_run=False)
         print(format_metrics(ev))
-        print("(written to --out only: not logged to the training run)")
-        evaluations = [ev]
+        print(f"step {ev.step}: {ev.out_dir / 'metrics.json'} (a side evaluation: not logged to the training run)")
+        return 0
     else:
         if plan.done:
             print(f"already evaluated with these settings: steps {', '.join(map(str, plan.done))}")

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--batch-size{kept}",
         )  # fmt: skip
     finally:
-        if not written:
+        if not any(folder.iterdir()):  # nothing made: no empty folder left behind
             folder.rmdir()
     elapsed = time.perf_counter() - start
     for s in written:

@@ -37,15 +37,16 @@ class TrainingOutcome:
 
     @property
     def checkpoint(self) -> Path | None:
-        """The run's newest checkpoint folder: the one this call reported, else the newest on disk (a finished run
-        started again reports none: it has no step left to take), else None."""
-        from pipelines.train.checkpoints import find_checkpoint
+        """The run's newest training checkpoint folder: the one this call reported, else the newest `checkpoint_*` on
+        disk (a finished run started again reports none: it has no step left to take), else None."""
+        from pipelines.train.checkpoints import MODEL_FILE, saved_step
 
         if self.result.checkpoint is not None:
             return Path(self.result.checkpoint.path)
+        found = [d for d in self.config.run_dir.glob("checkpoint_*") if (d / MODEL_FILE).is_file()]
         try:
-            return find_checkpoint(self.config.run_dir).parent
-        except FileNotFoundError:
+            return max(found, key=lambda d: (saved_step(d / MODEL_FILE), d.name), default=None)
+        except ValueError:  # a damaged model file: the run is done, only the name is missing
             return None
 
 

@@ -99,6 +99,8 @@ def tune_trial(params: dict[str, Any], sweep: dict) -> None:
     trial_id = ctx.get_trial_id()
     cfg = on_one_worker(trial_config(sweep["experiment"], params, f"{sweep['experiment']['name']}-{trial_id}"))
     run_dir = Path(sweep["storage"]) / f"{TRIAL_PREFIX}{trial_id}"  # Tune's folder of the trial (storage_path is local)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.dump_yaml(run_dir / "config.yaml")  # what it trains with; makes the folder a run folder (`run_folder`)
     tags = {PARENT_TAG: sweep["parent_run_id"], TRIAL_TAG: trial_id}
     run_id = start_or_resume_run(cfg, sweep["storage"], sweep["tracking_uri"], tags=tags)
     config = {
@@ -163,6 +165,7 @@ def check_sweep(cfg: ExperimentConfig, resume: bool) -> None:
         raise ConfigError(
             "tune.space is empty: name at least one key to search, e.g. train.lr: [loguniform, 3e-5, 3e-4]"
         )
+    cfg.check_space_combinations()
     _, n_val = check_before_ray(cfg)
     if tc.metric == "val_loss" and (cfg.train.val_every == 0 or n_val == 0):
         raise ConfigError(

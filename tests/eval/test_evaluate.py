@@ -118,6 +118,14 @@ def test_one_checkpoint_follows_the_step_record_like_a_run(trained, capsys):
     assert f"step {STEPS}: clips: 4 -> 2" in err and "--force" in err
     assert _history(out, "eval/fad") == logged
 
+    # --force evaluates it again and logs the new numbers once, even when its record said "not logged yet" (it
+    # logged the old numbers first, then the new ones: two values at one step)
+    record = run_dir / "eval" / f"step_{STEPS:06d}" / METRICS_FILE
+    record.write_text(json.dumps({**json.loads(record.read_text()), "mlflow_run_id": None}))
+    assert evaluate.main(["--checkpoint", ckpt, "--force"]) == 0
+    assert len(_history(out, "eval/fad")) == len(logged) + 1
+    assert json.loads(record.read_text())["mlflow_run_id"] == out.run_id
+
 
 def test_missing_parts_are_named_before_anything_runs(trained, tiny_eval, tmp_path, capsys):
     _, run_dir = trained
@@ -149,9 +157,9 @@ def test_the_clips_do_not_depend_on_how_generation_is_split(trained, ray_session
     file = run_dir / EVAL_CHECKPOINT_DIR / "step_000010" / "model.pt"
     e = saved_config(file).eval
     clips = {}
-    for generators in (1, 3):
+    for generators in (1, 2):  # batches of 2: one task of 3 batches, or tasks of 2 batches and 1 (seeds by batch)
         e = dataclasses.replace(e, generators=generators, limit=None)
-        refs = launch_generation(file, 1, 6, e, Path(e.set_dir), {"seconds": 0.3}, "cpu")
+        refs = launch_generation(file, 2, 6, e, Path(e.set_dir), {"seconds": 0.3}, "cpu")
         assert len(refs) == generators
         lines = []
         (clips[generators],) = gather_generated([refs], log=lines.append, every=0.0)
@@ -159,7 +167,9 @@ def test_the_clips_do_not_depend_on_how_generation_is_split(trained, ray_session
         assert counts == sorted(counts) and counts[-1] == 6 and len(set(counts)) > 1, lines
         assert lines[-1].strip().startswith(f"6 clips generated, {generators}/{generators} task(s) done")
     assert clips[1].shape[0] == 6
-    np.testing.assert_array_equal(clips[1], clips[3])
+    # the same tokens (another seed gives other audio altogether); the codec's float sums differ at 1e-8 with the
+    # tasks' thread counts (4 CPUs for one task, 2 each for two)
+    np.testing.assert_allclose(clips[1], clips[2], rtol=0, atol=1e-5)
 
 
 def _copy_run(run_dir: Path, dest: Path) -> Path:

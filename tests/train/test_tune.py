@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from configs import ExperimentConfig, apply_overrides, load_config
+from pipelines.train.checkpoints import find_checkpoint, run_folder
 from pipelines.train.driver import run_training
 from pipelines.train.sweep import BEST_YAML, PARENT_TAG, STOPPED_EARLY_TAG, TRIAL_TAG, ranked_table, run_sweep
 from tests.train.drivers import REPO, driver_command, driver_env, kill9_once, rerun
@@ -74,6 +75,12 @@ def test_asha_sweep_nests_trials_in_mlflow_and_writes_a_trainable_best_yaml(prep
         assert float(run.data.params["model.dropout"]) == pytest.approx(row.params["model.dropout"])
         assert run.data.params["model.d_model"] == str(cfg.model.d_model)
         assert [s for s, _ in _history(client, row.run_id, "train_loss")] == list(range(1, row.steps + 1))
+        # the trial's folder is a run folder of its own (config.yaml): `evaluate --checkpoint` on one trial writes
+        # <trial>/eval/step_N, not the sweep's eval/ that every trial's step N shared
+        trial_dir = out.path / f"trial_{row.trial_id}"
+        saved = load_config(trial_dir / "config.yaml")
+        assert saved.name == run.info.run_name and saved.train.lr == row.params["train.lr"]
+        assert run_folder(find_checkpoint(trial_dir), saved) == trial_dir
 
     # best.yaml is a full config with the winner's values; trained, it repeats the winning trial's losses: the
     # trials run the same loop as `simba-ttm train` (same seed, fp32 CPU, one thread like the trial's process).
@@ -142,6 +149,8 @@ def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(preprocessed, ray_se
         ("tune.space={model.d_stat: [choice, 8, 16]}", "did you mean 'model.d_state'?"),
         ("tune.space={train.lr: [logunifrom, 3e-5, 3e-4]}", "tune.space['train.lr'] must be a distribution"),
         ("tune.space={train.lr: [loguniform, 3e-4, 3e-5]}", "loguniform needs lo < hi"),
+        ("tune.space={model.d_model: [choice, 64, 40], model.headdim: [choice, 16, 32]}",
+         "tune.space can give model.d_model = 40, model.headdim = 32 together"),  # each fits alone
     ],
 )
 def test_a_bad_search_space_fails_before_ray_starts(override, message):
