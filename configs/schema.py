@@ -524,8 +524,7 @@ class ExperimentConfig(Section):
         give makes a valid config: a misspelt key or an out-of-range value fails here, before Ray starts."""
         if not self.tune.space:
             return
-        base = self.to_dict()
-        base["tune"] = {}  # the configs built below do not check a space again
+        base = self._space_base()
         for key, spec in self.tune.space.items():
             parts = key.split(".")
             if parts[0] in ("tune", "name") or len(parts) != 2:
@@ -542,10 +541,8 @@ class ExperimentConfig(Section):
             if spec[0] == "randint" and field_type is not int:
                 raise ConfigError(f"tune.space[{key!r}]: randint draws ints, but {key} is {type_name}")
             for value in self.tune.candidate_values(key):
-                d = copy.deepcopy(base)
-                d[parts[0]][parts[1]] = value
                 try:
-                    ExperimentConfig.from_dict(d)
+                    _config_with(base, {key: value})
                 except ConfigError as e:
                     raise ConfigError(f"tune.space[{key!r}] = {spec!r} can give {key} = {value!r}: {e}") from None
 
@@ -555,24 +552,24 @@ class ExperimentConfig(Section):
         are at most MAX_CHECKED_COMBINATIONS (a trial that draws a clash otherwise fails with the message). Called by
         `simba-ttm tune` before Ray starts, not by every load: a trial's checkpoint keeps its sweep's space, and one
         of an older sweep whose space could clash must still load."""
-        base = self.to_dict()
-        base["tune"] = {}
         keys = list(self.tune.space)
         candidates = [self.tune.candidate_values(key) for key in keys]
         if len(keys) < 2 or math.prod(map(len, candidates)) > MAX_CHECKED_COMBINATIONS:
             return
+        base = self._space_base()
         for values in itertools.product(*candidates):
-            d = copy.deepcopy(base)
-            for key, value in zip(keys, values, strict=True):
-                section, name = key.split(".")
-                d[section][name] = value
             try:
-                ExperimentConfig.from_dict(d)
+                _config_with(base, dict(zip(keys, values, strict=True)))
             except ConfigError as e:
                 drawn = ", ".join(f"{key} = {value!r}" for key, value in zip(keys, values, strict=True))
                 raise ConfigError(
                     f"tune.space can give {drawn} together: {e}; narrow the space so that no trial draws this"
                 ) from None
+
+    def _space_base(self) -> dict[str, Any]:
+        """This config as nested dicts for `_config_with`, without its search space: the configs built from it do
+        not check a space again."""
+        return {**self.to_dict(), "tune": {}}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> ExperimentConfig:
@@ -611,3 +608,12 @@ class ExperimentConfig(Section):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None))
         return path
+
+
+def _config_with(base: dict[str, Any], values: Mapping[str, Any]) -> ExperimentConfig:
+    """`base` (nested dicts) with each dotted `section.key` of `values` set, built and so validated (ConfigError)."""
+    d = copy.deepcopy(base)
+    for key, value in values.items():
+        section, name = key.split(".")
+        d[section][name] = value
+    return ExperimentConfig.from_dict(d)

@@ -159,19 +159,18 @@ def main(argv: list[str] | None = None) -> int:
         print(format_metrics(ev))
         print(f"step {ev.step}: {ev.out_dir / 'metrics.json'} (a side evaluation: not logged to the training run)")
         return 0
-    else:
-        if plan.done:
-            print(f"already evaluated with these settings: steps {', '.join(map(str, plan.done))}")
-        if plan.unrecorded:
-            print(
-                f"note: steps {', '.join(map(str, plan.unrecorded))} were evaluated by an earlier version, which did "
-                "not record its settings: kept as they are (--force evaluates them again)"
-            )
-        if plan.changed and args.force:
-            print(f"evaluating again (--force): steps {', '.join(map(str, plan.changed))}")
-        evaluations, _ = evaluate_run(evaluator, run_dir, plan=plan)
-        if not evaluations:
-            print("nothing new to evaluate" + (" (--force evaluates again)" if args.checkpoint else ""))
+    if plan.done:
+        print(f"already evaluated with these settings: steps {', '.join(map(str, plan.done))}")
+    if plan.unrecorded:
+        print(
+            f"note: steps {', '.join(map(str, plan.unrecorded))} were evaluated by an earlier version, which did "
+            "not record its settings: kept as they are (--force evaluates them again)"
+        )
+    if plan.changed and args.force:
+        print(f"evaluating again (--force): steps {', '.join(map(str, plan.changed))}")
+    evaluations, _ = evaluate_run(evaluator, run_dir, plan=plan)
+    if not evaluations:
+        print("nothing new to evaluate" + (" (--force evaluates again)" if args.checkpoint else ""))
     for ev in evaluations:
         where = f"MLflow run {ev.run_id}" if ev.run_id else "no MLflow training run found for it"
         print(f"step {ev.step}: {ev.out_dir / 'metrics.json'} ({where})")

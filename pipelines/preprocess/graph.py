@@ -201,7 +201,7 @@ def _moved_alike(recorded: dict, wanted: dict, root: Path) -> dict:
         k: wanted[k]
         for k in _PATH_SETTINGS & recorded.keys() & wanted.keys()
         if old_root and isinstance(recorded[k], str) and isinstance(wanted[k], str)
-        and inside(recorded[k], old_root) is not None and inside(recorded[k], old_root) == inside(wanted[k], root)
+        and (place := inside(recorded[k], old_root)) is not None and place == inside(wanted[k], root)
     }  # fmt: skip
     return {**recorded, **same}
 
